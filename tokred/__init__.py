@@ -1,0 +1,80 @@
+"""tokred: training-free visual-token reduction for vision-language models on ``transformers``.
+
+Quick start::
+
+    import tokred
+    method = tokred.create("fastv", keep=64)
+    with tokred.apply(model, method) as run:
+        out = model.generate(**inputs, max_new_tokens=32)
+    print(run.report.summary())
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adapters.base import Adapter, ImageSpan, VisionProbes
+from .budget import Budget
+from .components import Gate, Selector, top_k_indices
+from .errors import (
+    BudgetError,
+    MethodContractError,
+    OptionsError,
+    PluginError,
+    RuntimeStateError,
+    ScheduleError,
+    TokredError,
+    UnsupportedModelError,
+)
+from .hookspecs import hookimpl, hookspec
+from .method import BudgetOptions, Method
+from .registry import Registry, default_registry
+from .runtime import Run, RunReport, apply
+from .schedule import GateStage, Schedule, SelectorStage
+from .tokens import GateState, ImageLayout, Selection, VisualTokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # registry and public functions
+    "list_methods", "list_adapters", "list_selectors", "list_gates", "create", "apply",
+    "Registry", "default_registry", "hookimpl", "hookspec",
+    # interfaces
+    "Selector", "Gate", "Schedule", "SelectorStage", "GateStage", "Budget", "Method", "BudgetOptions",
+    "Adapter", "ImageSpan", "VisionProbes", "top_k_indices",
+    # data objects
+    "VisualTokens", "Selection", "GateState", "ImageLayout", "Run", "RunReport",
+    # errors
+    "TokredError", "OptionsError", "BudgetError", "ScheduleError", "UnsupportedModelError", "PluginError",
+    "RuntimeStateError", "MethodContractError",
+]
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered methods matching the ``fnmatch`` pattern (e.g. ``"fast*"``)."""
+    return default_registry().list_methods(pattern)
+
+
+def list_adapters(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered model families (adapters)."""
+    return default_registry().list_adapters(pattern)
+
+
+def list_selectors(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered stage-I selectors."""
+    return default_registry().list_selectors(pattern)
+
+
+def list_gates(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered stage-II gates."""
+    return default_registry().list_gates(pattern)
+
+
+def create(name: str, **options: Any) -> Method:
+    """Create the registered method ``name`` with validated ``options``.
+
+    Unknown options raise :class:`OptionsError` listing the valid ones; impossible budgets raise
+    :class:`BudgetError`. Both happen here, before any model is touched.
+    """
+    return default_registry().create(name, **options)

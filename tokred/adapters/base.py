@@ -1,0 +1,186 @@
+"""The adapter interface: everything model-specific, in one place per model family.
+
+An adapter tells the runtime where things are in a ``transformers`` model: the module that
+receives ``input_ids`` and pixels, the language model (the stage-I point), its decoder layers and
+their attention modules, where each image's tokens sit in the sequence and how they are laid out,
+which positions are instruction text, and how position ids are computed. Methods never see any of
+this; they get tensors (:class:`~tokred.tokens.VisualTokens`, :class:`~tokred.tokens.GateState`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import RuntimeStateError
+from ..tokens import ImageLayout
+
+__all__ = ["Adapter", "ImageSpan", "VisionProbes"]
+
+
+@dataclass
+class ImageSpan:
+    """One image's visual tokens in the language model's input sequence.
+
+    Attributes:
+        sample: the batch row.
+        image: the image's number within its row.
+        positions: ``[N]`` long, the sequence positions of its tokens, increasing.
+        layout: the spatial layout of those tokens.
+        encoder_index: the image's index in the vision encoder's batch (for probes).
+    """
+
+    sample: int
+    image: int
+    positions: torch.Tensor
+    layout: ImageLayout
+    encoder_index: int
+
+
+class VisionProbes:
+    """What an adapter captured from the vision side during one prefill, per encoder image.
+
+    ``pre_projector[i]``: ``[N, D_v]``; ``cls_attention[i]``: ``[N]``, for encoder image ``i``.
+    """
+
+    def __init__(self) -> None:
+        self.pre_projector: list[torch.Tensor] = []
+        self.cls_attention: list[torch.Tensor] = []
+
+    def clear(self) -> None:
+        self.pre_projector.clear()
+        self.cls_attention.clear()
+
+
+class Adapter:
+    """Base class of model adapters. Subclasses set ``model_classes`` and override what differs.
+
+    Args:
+        model: the ``transformers`` model instance the adapter serves.
+    """
+
+    #: ``transformers`` class names this adapter handles (matched against the model's MRO).
+    model_classes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, family: str | None = None) -> None:
+        self.model = model
+        #: The registered family name (``"llava"``); the registry passes it.
+        self.family = family or type(self).__name__
+
+    # ---------------------------------------------------------------- structure
+
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward receives ``input_ids``, ``attention_mask`` and pixels."""
+        return self.model.model  # type: ignore[return-value]
+
+    def language_model(self) -> nn.Module:
+        """The decoder stack called with ``inputs_embeds`` after the image features are merged."""
+        return self.multimodal_model().language_model  # type: ignore[return-value]
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return self.language_model().layers  # type: ignore[return-value]
+
+    def self_attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of a decoder layer (its ``config`` selects the attention kernel)."""
+        return layer.self_attn  # type: ignore[return-value]
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()  # type: ignore[union-attr]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def image_token_id(self) -> int:
+        config = self.model.config  # type: ignore[union-attr]
+        return int(getattr(config, "image_token_id", None) or config.image_token_index)
+
+    def visual_tokens_per_image(self) -> int | None:
+        """``N`` when the config fixes the number of visual tokens per image, else ``None``."""
+        return None
+
+    # ---------------------------------------------------------------- prefill
+
+    def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
+        """Install hooks that fill ``probes`` with what ``wanted`` names (``"pre_projector"``,
+        ``"cls_attention"``); return the callables that remove them. Default: nothing available."""
+        return []
+
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes) -> list[ImageSpan]:
+        """Every image's tokens in ``input_ids`` (``[B, L]``), in the order the encoder saw them."""
+        raise NotImplementedError
+
+    def full_position_ids(self, position_ids: torch.Tensor | None, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None, past_length: int) -> torch.Tensor:
+        """Position ids the unmodified model would use for the whole input, ``[B, L]`` (1-D RoPE)
+        or ``[k, B, L]`` (M-RoPE). Default: the given ones, else ``arange`` after the cache."""
+        if position_ids is not None:
+            if position_ids.shape[-2] != input_ids.shape[0]:
+                position_ids = position_ids.expand(*position_ids.shape[:-2], input_ids.shape[0], position_ids.shape[-1])
+            return position_ids
+        length = input_ids.shape[1]
+        return (torch.arange(length, device=input_ids.device) + past_length).unsqueeze(0).expand(input_ids.shape[0], -1)
+
+    def decode_position_ids(self, batch: int, num_new: int, logical_length: int, device: torch.device) -> torch.Tensor:
+        """Position ids of ``num_new`` decoded tokens when the caller passed none: what the
+        unmodified model would compute from a cache holding ``logical_length`` tokens."""
+        return (torch.arange(num_new, device=device) + logical_length).unsqueeze(0).expand(batch, -1)
+
+    def reduce_language_model_kwargs(self, kwargs: dict[str, Any], origin: torch.Tensor) -> dict[str, Any]:
+        """Per-position language-model inputs beyond ``inputs_embeds``, ``attention_mask`` and
+        ``position_ids`` (e.g. Qwen3-VL's deepstack features), reduced to ``origin`` ``[B, L']``
+        (full-sequence positions, -1 padding). Return only what changed. Default: none."""
+        return {}
+
+    def reduce_layer_kwargs(self, kwargs: dict[str, Any], entry_index: torch.Tensor) -> dict[str, Any]:
+        """Per-position decoder-layer inputs beyond hidden states, position embeddings, position ids
+        and the mask, reduced to ``entry_index`` ``[B, L']`` (positions in the sequence that entered
+        the language model). Default: none."""
+        return {}
+
+    def text_roles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(instruction, system)`` bool masks ``[B, L]`` over the input.
+
+        Default rule, which holds for chat templates that put images before the question
+        (LLaVA, Qwen-VL, InternVL): system text is every real text token before a row's first
+        visual token; instruction text is every real text token after it. Rows without images
+        have neither. Adapters whose templates differ override this.
+        """
+        text = attention_mask.bool() & ~visual
+        seen_visual = torch.cumsum(visual.long(), dim=1) > 0
+        has_visual = visual.any(dim=1, keepdim=True)
+        return text & seen_visual & has_visual, text & ~seen_visual & has_visual
+
+    def validate(self, gate_layers: Sequence[int]) -> None:
+        """Refuse schedules this model cannot run (clear :class:`ScheduleError`). Default: accept."""
+
+    def check_model_state(self) -> None:
+        """Refuse models in a state the runtime cannot handle (before any forward)."""
+        impl = getattr(self.text_config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager"):
+            raise RuntimeStateError(
+                f"attention implementation {impl!r} is not supported yet; load the model with "
+                "attn_implementation='sdpa' (uses PyTorch's flash kernel on GPU) or 'eager'"
+            )
+
+
+def split_runs(input_ids: torch.Tensor, token_id: int, tokens_per_image: int) -> list[tuple[int, torch.Tensor]]:
+    """``(row, positions [N])`` for every block of ``tokens_per_image`` consecutive ``token_id``
+    tokens, row-major: the order in which LLaVA-style models scatter image features."""
+    spans = []
+    for row in range(input_ids.shape[0]):
+        positions = torch.nonzero(input_ids[row] == token_id).flatten().cpu()
+        if positions.numel() % tokens_per_image:
+            raise RuntimeStateError(
+                f"row {row} has {positions.numel()} image tokens, not a multiple of {tokens_per_image} per image"
+            )
+        for chunk in positions.split(tokens_per_image):
+            spans.append((row, chunk))
+    return spans
+
+
+__all__ += ["split_runs"]

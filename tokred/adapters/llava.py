@@ -1,0 +1,98 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): a CLIP tower, an MLP projector, a Llama-style LLM.
+
+Each image becomes ``(image_size / patch_size)^2`` visual tokens (576 for 336 px / 14 px patches),
+plus the [CLS] token when ``vision_feature_select_strategy == "full"``, placed where the processor
+expanded the ``<image>`` token, in row-major patch order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..runtime._attention import observe_attention
+from ..tokens import ImageLayout
+from .base import Adapter, ImageSpan, VisionProbes, split_runs
+
+__all__ = ["LlavaAdapter"]
+
+
+class LlavaAdapter(Adapter):
+    """Adapter for LLaVA-1.5 style models (single 2-D grid per image)."""
+
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    def _grid_side(self) -> int:
+        vision = self.model.config.vision_config  # type: ignore[union-attr]
+        return int(vision.image_size) // int(vision.patch_size)
+
+    def _keeps_cls(self) -> bool:
+        return self.model.config.vision_feature_select_strategy == "full"  # type: ignore[union-attr]
+
+    def visual_tokens_per_image(self) -> int:
+        return self._grid_side() ** 2 + int(self._keeps_cls())
+
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes) -> list[ImageSpan]:
+        side = self._grid_side()
+        layout = ImageLayout.grid(side, side, leading_extra=int(self._keeps_cls()))
+        spans: list[ImageSpan] = []
+        per_row: dict[int, int] = {}
+        for encoder_index, (row, positions) in enumerate(
+            split_runs(input_ids, self.image_token_id(), self.visual_tokens_per_image())
+        ):
+            image = per_row.get(row, 0)
+            per_row[row] = image + 1
+            spans.append(ImageSpan(row, image, positions, layout, encoder_index))
+        return spans
+
+    # ------------------------------------------------------------ vision probes
+
+    def _vision_layers(self) -> nn.ModuleList | None:
+        tower = self.multimodal_model().vision_tower
+        encoder = getattr(getattr(tower, "vision_model", None), "encoder", None)
+        return getattr(encoder, "layers", None)
+
+    def _feature_layer_index(self) -> int | None:
+        """The encoder layer whose output the projector reads (``hidden_states[vision_feature_layer]``).
+
+        ``hidden_states[0]`` is the embedding output and ``hidden_states[i]`` the output of layer
+        ``i - 1``. With several feature layers, the deepest is used: our assumption for
+        [CLS] attention, since the [CLS] row is only defined per layer.
+        """
+        layers = self._vision_layers()
+        if layers is None:
+            return None
+        feature_layer = self.model.config.vision_feature_layer  # type: ignore[union-attr]
+        if not isinstance(feature_layer, int):
+            feature_layer = max(feature_layer, key=lambda i: i % (len(layers) + 1))
+        hidden_index = feature_layer % (len(layers) + 1)
+        return hidden_index - 1 if hidden_index >= 1 else None
+
+    def has_cls_token(self) -> bool:
+        tower = self.multimodal_model().vision_tower
+        return "CLIP" in type(tower).__name__
+
+    def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
+        removers: list[Callable[[], None]] = []
+        mm = self.multimodal_model()
+        if "pre_projector" in wanted:
+            def on_projector(module: nn.Module, args: tuple) -> None:
+                probes.pre_projector.extend(args[0].detach().unbind(0))
+
+            removers.append(mm.multi_modal_projector.register_forward_pre_hook(on_projector).remove)
+        layer_index = self._feature_layer_index()
+        if "cls_attention" in wanted and self.has_cls_token() and layer_index is not None:
+            keeps_cls = self._keeps_cls()
+
+            def on_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+                # [CLS] is the first position of CLIP's sequence; its row, averaged over heads.
+                row = torch.softmax((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)
+                cls_to_tokens = row.mean(dim=1)[:, 0]                           # [images, 1 + patches]
+                probes.cls_attention.extend((cls_to_tokens if keeps_cls else cls_to_tokens[:, 1:]).unbind(0))
+
+            layers = self._vision_layers()
+            assert layers is not None
+            removers.append(observe_attention(layers[layer_index].self_attn, on_attention))
+        return removers

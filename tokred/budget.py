@@ -1,0 +1,60 @@
+"""Token budgets: how many visual tokens a stage keeps.
+
+Rules (documented in the user guide and tested):
+
+* exactly one of ``keep`` (an absolute count) and ``keep_ratio`` (a fraction in ``(0, 1]``);
+* budgets are **per image**: ``keep=64`` on a two-image prompt keeps 64 of each;
+* ``keep_ratio`` is relative to the image's own number of visual tokens ``N`` and rounds half up,
+  never below one token: ``k = max(1, floor(keep_ratio * N + 0.5))``;
+* ``keep > N`` is an error (:class:`~tokred.errors.BudgetError`), never a silent clamp. It is raised
+  by :func:`tokred.apply` when the model's token count per image is fixed by its config, otherwise
+  when the image is seen, before the language model runs. ``keep == N`` keeps everything.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import BudgetError
+
+__all__ = ["Budget"]
+
+
+class Budget(BaseModel):
+    """How many visual tokens of each image a stage keeps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep: int | None = Field(None, description="Visual tokens to keep per image (absolute count, >= 1).")
+    keep_ratio: float | None = Field(
+        None, description="Fraction of each image's visual tokens to keep, in (0, 1]; rounds half up, at least 1."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Budget:
+        if self.keep is not None and self.keep_ratio is not None:
+            raise BudgetError(f"give either keep or keep_ratio, not both (got keep={self.keep}, keep_ratio={self.keep_ratio})")
+        if self.keep is None and self.keep_ratio is None:
+            raise BudgetError("a budget needs keep=K or keep_ratio=R")
+        if self.keep is not None and self.keep < 1:
+            raise BudgetError(f"keep must be >= 1 (got {self.keep}); to drop every visual token use a gate with no budget")
+        if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0):  # also rejects NaN
+            raise BudgetError(f"keep_ratio must be in (0, 1] (got {self.keep_ratio})")
+        return self
+
+    def tokens_for(self, num_tokens: int, *, what: str = "image") -> int:
+        """The number of tokens to keep out of ``num_tokens``; raises :class:`BudgetError` if impossible."""
+        if self.keep is not None:
+            if self.keep > num_tokens:
+                raise BudgetError(
+                    f"keep={self.keep} is larger than the {num_tokens} visual tokens of this {what}; "
+                    "tokred never clamps silently: lower keep or use keep_ratio"
+                )
+            return self.keep
+        assert self.keep_ratio is not None
+        return max(1, min(num_tokens, math.floor(self.keep_ratio * num_tokens + 0.5)))
+
+    def describe(self) -> str:
+        return f"keep={self.keep}" if self.keep is not None else f"keep_ratio={self.keep_ratio:g}"

@@ -1,0 +1,53 @@
+"""Exceptions raised by tokred.
+
+Every error a user can trigger derives from :class:`TokredError`, so ``except tokred.TokredError``
+catches them all. Each error is raised before a model call where the problem can be known then.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TokredError",
+    "OptionsError",
+    "BudgetError",
+    "ScheduleError",
+    "UnsupportedModelError",
+    "PluginError",
+    "RuntimeStateError",
+    "MethodContractError",
+]
+
+
+class TokredError(Exception):
+    """Base class of every error raised by tokred."""
+
+
+class OptionsError(TokredError, ValueError):
+    """A method, selector or gate was given an unknown or invalid option."""
+
+
+class BudgetError(TokredError, ValueError):
+    """A token budget is impossible (zero, negative, both ``keep`` and ``keep_ratio``, larger than
+    the number of visual tokens, or larger than an earlier stage's budget)."""
+
+
+class ScheduleError(TokredError, ValueError):
+    """A schedule does not fit the model (e.g. a gate layer outside the decoder)."""
+
+
+class UnsupportedModelError(TokredError, TypeError):
+    """No registered adapter handles this model class."""
+
+
+class PluginError(TokredError):
+    """A plugin failed to load or to register; the message names the plugin and the hook."""
+
+
+class RuntimeStateError(TokredError, RuntimeError):
+    """The model is used in a way the active run cannot handle correctly (nested ``apply``,
+    a static cache, continuing on a pruned cache through ``generate``)."""
+
+
+class MethodContractError(TokredError, RuntimeError):
+    """A selector or gate returned something that breaks its contract (duplicate or out-of-range
+    indices, more tokens than its budget); the message names the component."""

@@ -1,0 +1,63 @@
+"""Methods: named, registered presets that build a :class:`~tokred.schedule.Schedule` from options.
+
+A method is a small pydantic model: its fields are the user-facing options (validated,
+``extra="forbid"``, each with a description) and :meth:`Method.schedule` turns them into a Schedule.
+``tokred.create("fastv", keep=64)`` instantiates the registered class; ``tokred.apply`` runs it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .budget import Budget
+from .errors import BudgetError
+from .schedule import Schedule
+
+__all__ = ["Method", "BudgetOptions"]
+
+
+class Method(BaseModel):
+    """Base of every registered method. Subclasses add option fields and implement :meth:`schedule`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: One line shown by ``tokred list``; defaults to the first line of the class docstring.
+    summary: ClassVar[str] = ""
+
+    def schedule(self) -> Schedule:
+        """The Schedule these options describe."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return cls.summary or (doc.splitlines()[0] if doc else "")
+
+
+class BudgetOptions(BaseModel):
+    """The ``keep`` / ``keep_ratio`` pair shared by methods with one final budget.
+
+    Exactly one may be given; when neither is, the method's ``default_keep_ratio`` applies.
+    """
+
+    default_keep_ratio: ClassVar[float] = 0.25
+
+    keep: int | None = Field(None, description="Visual tokens to keep per image (absolute). Excludes keep_ratio.")
+    keep_ratio: float | None = Field(
+        None, description="Fraction of each image's visual tokens to keep, in (0, 1]. Excludes keep."
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> BudgetOptions:
+        if self.keep is not None and self.keep_ratio is not None:
+            raise BudgetError(f"give either keep or keep_ratio, not both (got keep={self.keep}, keep_ratio={self.keep_ratio})")
+        self.budget  # noqa: B018 - validates the values now, before any model call
+        return self
+
+    @property
+    def budget(self) -> Budget:
+        if self.keep is None and self.keep_ratio is None:
+            return Budget(keep_ratio=type(self).default_keep_ratio)
+        return Budget(keep=self.keep, keep_ratio=self.keep_ratio)

@@ -1,0 +1,81 @@
+"""Observing one attention module's query and key states without changing its kernel.
+
+``transformers`` dispatches attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
+with the module's own ``config``. To see the post-rotary queries and keys of *one* module, we give
+that module (and only it, for the duration of a run) a shallow copy of its config whose
+implementation name is :data:`OBSERVED_IMPLEMENTATION`. That registered function calls the module's
+original implementation (sdpa, eager, ...) unchanged and then hands ``query``/``key`` to a callback.
+No class is patched, masks are still built from the model-level config, every other module keeps
+its kernel untouched, and removal restores the original config object.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+__all__ = ["OBSERVED_IMPLEMENTATION", "observe_attention", "AttentionCallback"]
+
+OBSERVED_IMPLEMENTATION = "tokred_observed"
+
+#: ``callback(query [B, H, Lq, d], key [B, H_kv, Lk, d], scaling)``
+AttentionCallback = Callable[[torch.Tensor, torch.Tensor, float], None]
+
+
+@dataclass
+class _Observer:
+    implementation: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    callback: AttentionCallback
+
+
+_observers: "weakref.WeakKeyDictionary[nn.Module, _Observer]" = weakref.WeakKeyDictionary()
+
+
+def _observed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, **kwargs):  # type: ignore[no-untyped-def]
+    observer = _observers.get(module)
+    if observer is None:  # only reachable if someone copied the observed config onto another module
+        raise RuntimeError(f"{type(module).__name__} uses the {OBSERVED_IMPLEMENTATION!r} attention outside a tokred run")
+    output = observer.implementation(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
+    observer.callback(query, key, float(scaling))
+    return output
+
+
+def _ensure_registered() -> None:
+    if OBSERVED_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(OBSERVED_IMPLEMENTATION, _observed_attention)
+
+
+def observe_attention(module: nn.Module, callback: AttentionCallback) -> Callable[[], None]:
+    """Call ``callback`` with ``module``'s query and key states on every forward; return a remover."""
+    if module in _observers:
+        raise RuntimeError(f"{type(module).__name__} is already observed")
+    _ensure_registered()
+    original_config = module.config
+    name = original_config._attn_implementation
+    # Modeling files define their eager attention as a module-level function the module falls back to.
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    implementation = ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)
+    if implementation is None:
+        raise RuntimeError(f"cannot find the {name!r} attention implementation of {type(module).__name__}")
+    observed_config = copy.copy(original_config)
+    observed_config._attn_implementation = {"": OBSERVED_IMPLEMENTATION}  # this config only, not sub-configs
+    _observers[module] = _Observer(implementation, callback)
+    module.config = observed_config
+
+    def remove() -> None:
+        module.config = original_config
+        _observers.pop(module, None)
+
+    return remove

@@ -1,0 +1,680 @@
+"""Applying a Schedule to a model: the scoped, reversible run.
+
+``tokred.apply(model, method)`` returns a :class:`Run`; entering it installs forward (pre-)hooks on
+the multimodal model, its language model and each decoder layer (plus attention observers where a
+gate or selector needs attention), and leaving it removes every one of them, also on exceptions.
+
+What the hooks do, per forward call:
+
+* **prefill** (no cache, or an empty one): the selector runs on every image's tokens right before
+  the language model; the kept tokens are packed into a shorter, left-padded sequence with the
+  position ids they had in the full sequence (or renumbered, a Schedule option) and an explicit
+  attention mask. At each gate layer the gate decides from the previous layer's attention; the
+  hidden states are packed again and every later layer gets position embeddings, position ids and
+  a 4-D mask sliced to the survivors.
+* **decode** (the cache this run filled): each group of layers between gates keeps a key-padding
+  mask of what its cache holds; new tokens are appended to it and layers whose cache differs from
+  layer 0's get their own 4-D mask. Position ids continue from the full sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+from transformers import DynamicCache
+
+from ..adapters.base import Adapter, ImageSpan, VisionProbes
+from ..budget import Budget
+from ..components import Gate, Selector
+from ..errors import BudgetError, MethodContractError, RuntimeStateError
+from ..method import Method
+from ..schedule import Schedule
+from ..tokens import GateState, Selection, VisualTokens
+from ._attention import observe_attention
+from ._sequence import causal_key_mask, format_mask, gather_positions, gather_rows, left_pack
+from .report import ImageRecord, RunReport
+
+__all__ = ["Run", "apply"]
+
+_active_runs: "weakref.WeakKeyDictionary[nn.Module, Run]" = weakref.WeakKeyDictionary()
+
+
+def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None) -> Run:
+    """Prepare a scoped application of ``method`` to ``model``; use it as a context manager.
+
+    Everything that can be checked without data is checked here, before any forward pass: the
+    model class has an adapter, its attention implementation is supported, gate layers exist, and
+    budgets fit the model's fixed number of visual tokens per image (when its config fixes one).
+
+    Args:
+        model: a ``transformers`` vision-language model handled by a registered adapter.
+        method: a :class:`~tokred.Method` (``tokred.create(...)``) or a hand-built
+            :class:`~tokred.Schedule`.
+        registry: the registry to find the adapter in; default: :func:`tokred.default_registry`.
+
+    Returns:
+        A :class:`Run`. ``with apply(model, method) as run:`` installs the hooks; leaving the block
+        removes them. ``run.report`` describes the latest prefill.
+    """
+    from ..registry import default_registry
+
+    registry = registry or default_registry()
+    if isinstance(method, Method):
+        schedule, name = method.schedule(), _method_name(registry, method)
+    elif isinstance(method, Schedule):
+        schedule, name = method, "schedule"
+    else:
+        raise TypeError(f"apply() takes a tokred Method or Schedule, got {type(method).__name__}")
+    adapter = registry.adapter_for(model)
+    return Run(model, adapter, schedule, name)
+
+
+def _method_name(registry: Any, method: Method) -> str:
+    try:
+        return registry.name_of(method)
+    except Exception:  # an unregistered Method subclass still runs; it just has no registry name
+        return type(method).__name__
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # honest timings: wait for queued kernels
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Layout:
+    """The (reduced) sequence as a range of layers sees it during prefill.
+
+    ``origin`` ``[B, L']``: position in the full language-model input (-1: padding).
+    ``entry_index`` ``[B, L']``: position in the sequence that entered the language model.
+    """
+
+    origin: torch.Tensor
+    entry_index: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.origin >= 0
+
+    def select(self, local: torch.Tensor) -> _Layout:
+        """The layout made of the local positions ``local`` ``[B, L'']`` (-1: padding)."""
+        pad = local < 0
+        idx = local.clamp(min=0)
+        return _Layout(
+            self.origin.gather(1, idx).masked_fill(pad, -1),
+            self.entry_index.gather(1, idx).masked_fill(pad, 0),
+        )
+
+
+@dataclass
+class _Prefill:
+    """Everything one prefill needs to know about the full sequence (``[B, L]`` tags)."""
+
+    spans: list[ImageSpan]
+    visual: torch.Tensor
+    image_of: torch.Tensor
+    token_of: torch.Tensor
+    instruction: torch.Tensor
+    system: torch.Tensor
+    image_sizes: list[list[int]]
+    entry: _Layout
+    current: _Layout
+    gate_layers: dict[int, int]
+    stash: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    model_mask_is_none: bool = False
+
+
+@dataclass
+class _CacheState:
+    """What decoding on a cache filled by this run needs: per layer group, which cached keys are real."""
+
+    cache: Callable[[], Any]
+    group_of_layer: list[int]
+    key_valid: list[torch.Tensor]
+    logical_length: int
+    position_shift: torch.Tensor | None
+    passthrough: bool = False
+
+
+@dataclass
+class _Decisions:
+    """Decisions of a prefill, replayed while the run is frozen."""
+
+    stage1: dict[tuple[int, int], Selection] = field(default_factory=dict)
+    gates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+class Run:
+    """A Schedule applied to one model; a context manager. Create it with :func:`tokred.apply`.
+
+    Attributes:
+        model: the model.
+        adapter: the adapter serving it.
+        schedule: the schedule being applied.
+        method_name: the registered method name (``"schedule"`` for hand-built schedules).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, schedule: Schedule, method_name: str) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.schedule = schedule
+        self.method_name = method_name
+        self.gate_layers: list[int] = schedule.gate_layers(adapter.num_layers)
+        self._check_static()
+        self._removers: list[Callable[[], None]] = []
+        self._probes = VisionProbes()
+        self._mode: str = "idle"
+        self._input_ids: torch.Tensor | None = None
+        self._prefill: _Prefill | None = None
+        self._cache_state: _CacheState | None = None
+        self._frozen = False
+        self._decisions = _Decisions()
+        self._report = RunReport(adapter.family, method_name, adapter.num_layers)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def report(self) -> RunReport:
+        """Measurements of the latest prefill (see :class:`~tokred.runtime.report.RunReport`)."""
+        return self._report
+
+    @property
+    def active(self) -> bool:
+        return bool(self._removers)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[Run]:
+        """Within this block, prefills reuse the decisions of the latest prefill instead of deciding
+        again: the same images keep the same tokens and the same gates drop the same positions.
+
+        This makes a cache-free recomputation (``generate(use_cache=False)``, or scoring several
+        continuations of one prompt) see exactly the reduced sequence the cached run saw.
+        """
+        if self._report.prefills == 0:
+            raise RuntimeStateError("nothing to freeze: run a prefill inside this run first")
+        self._frozen = True
+        try:
+            yield self
+        finally:
+            self._frozen = False
+
+    def __enter__(self) -> Run:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def install(self) -> None:
+        """Install every hook. Prefer ``with tokred.apply(...)``, which also removes them."""
+        if self.model in _active_runs:
+            raise RuntimeStateError(
+                f"{type(self.model).__name__} already has an active tokred run; leave it before applying another"
+            )
+        _active_runs[self.model] = self
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove every hook this run installed (idempotent)."""
+        while self._removers:
+            self._removers.pop()()
+        if _active_runs.get(self.model) is self:
+            del _active_runs[self.model]
+        self._prefill = None
+        self._mode = "idle"
+
+    # ------------------------------------------------------------- validation
+
+    def _check_static(self) -> None:
+        self.adapter.check_model_state()
+        self.adapter.validate(self.gate_layers)
+        fixed = self.adapter.visual_tokens_per_image()
+        if fixed is None:
+            return
+        stages: list[tuple[str, Budget | None]] = []
+        if self.schedule.selector is not None:
+            stages.append(("selector", self.schedule.selector.budget))
+        stages += [(f"gate at layer {layer}", g.budget) for layer, g in zip(self.gate_layers, self.schedule.gates)]
+        for what, budget in stages:
+            if budget is not None:
+                budget.tokens_for(fixed, what=f"image ({what}; this model has {fixed} visual tokens per image)")
+
+    # ----------------------------------------------------------------- install
+
+    def _install(self) -> None:
+        adapter = self.adapter
+        mm, lm, layers = adapter.multimodal_model(), adapter.language_model(), adapter.decoder_layers()
+        self._hook(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
+        self._hook(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+        self._hook(lm.register_forward_hook(self._after_language_model, with_kwargs=True))
+        for index, layer in enumerate(layers):
+            self._hook(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        for layer in self.gate_layers:
+            self._removers.append(observe_attention(adapter.self_attention(layers[layer - 1]), self._stash_for(layer)))
+        wanted = type(self.schedule.selector.selector).inputs if self.schedule.selector else frozenset()
+        self._removers.extend(adapter.install_vision_probes(self._probes, wanted))
+
+    def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._removers.append(handle.remove)
+
+    # ---------------------------------------------------- multimodal model hook
+
+    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            self._mode = "prefill"
+            self._probes.clear()
+            self._check_cache(cache)
+            self._input_ids = input_ids
+            return
+        state = self._cache_state
+        if state is None or state.cache() is not cache:
+            raise RuntimeStateError(
+                "this KV cache was not filled by the active tokred run; tokred can only continue decoding "
+                "on a cache whose prefill it reduced"
+            )
+        if kwargs.get("pixel_values") is not None:
+            raise RuntimeStateError("new images on a continued cache are not supported; start a new prefill")
+        self._mode = "decode"
+
+    @staticmethod
+    def _check_cache(cache: Any) -> None:
+        if cache is not None and (not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False)):
+            raise RuntimeStateError(
+                f"{type(cache).__name__} is not supported: pruned layers keep shorter caches, which needs a "
+                "DynamicCache (do not pass cache_implementation='static')"
+            )
+
+    # ----------------------------------------------------- language model hook
+
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._mode == "decode":
+            return self._decode_inputs(args, kwargs)
+        if self._mode != "prefill":
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or self._input_ids is None:
+            raise RuntimeStateError(
+                "tokred needs input_ids to locate image tokens; call the model with input_ids, not inputs_embeds"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise RuntimeStateError("tokred needs a 2-D attention mask (or none); got a precomputed 4-D mask")
+        return self._prefill_inputs(args, kwargs, embeds, mask)
+
+    def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = getattr(output, "past_key_values", None)
+        if self._mode in ("prefill", "passthrough") and self._cache_state is not None and cache is not None:
+            self._cache_state.cache = weakref.ref(cache)
+        self._prefill = None
+        self._mode = "idle"
+
+    def _prefill_inputs(self, args: tuple, kwargs: dict, embeds: torch.Tensor,
+                        mask: torch.Tensor | None) -> tuple[tuple, dict] | None:
+        input_ids = self._input_ids
+        assert input_ids is not None
+        batch, length = input_ids.shape
+        device = embeds.device
+        mask2d = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
+        real = mask2d.bool()
+        spans = self.adapter.image_spans(input_ids, self._probes)
+        report = RunReport(self.adapter.family, self.method_name, self.adapter.num_layers,
+                           prefills=self._report.prefills + 1)
+        self._report = report
+        self._cache_state = None
+        if not spans:  # text only: nothing to reduce, leave every input as it is
+            report.visual_tokens_input = [0] * batch
+            report.visual_tokens_per_layer = [[0] * batch for _ in range(self.adapter.num_layers)]
+            self._cache_state = _CacheState(lambda: None, [], [], length, None, passthrough=True)
+            self._mode = "passthrough"
+            return None
+
+        visual = torch.zeros(batch, length, dtype=torch.bool)
+        image_of = torch.full((batch, length), -1, dtype=torch.long)
+        token_of = torch.full((batch, length), -1, dtype=torch.long)
+        image_sizes: list[list[int]] = [[] for _ in range(batch)]
+        for span in spans:
+            visual[span.sample, span.positions] = True
+            image_of[span.sample, span.positions] = span.image
+            token_of[span.sample, span.positions] = torch.arange(span.positions.numel())
+            image_sizes[span.sample].append(span.positions.numel())
+        instruction, system = self.adapter.text_roles(input_ids.cpu(), mask2d.cpu(), visual)
+        full_positions = self.adapter.full_position_ids(kwargs.get("position_ids"), input_ids, mask, past_length=0)
+        report.visual_tokens_input = [int(n) for n in visual.sum(1)]
+
+        keep = real.cpu().clone()
+        new_embeds = embeds
+        records: dict[tuple[int, int], ImageRecord] = {}
+        if self.schedule.selector is not None:
+            new_embeds = embeds.clone()
+            start = time.perf_counter()
+            _sync(device)
+            for span in spans:
+                selection = self._select(span, embeds)
+                positions = span.positions
+                dropped = torch.ones(positions.numel(), dtype=torch.bool)
+                dropped[selection.indices] = False
+                keep[span.sample, positions[dropped]] = False
+                if selection.features is not None:
+                    new_embeds[span.sample, positions[selection.indices].to(device)] = selection.features.to(embeds.dtype)
+                records[(span.sample, span.image)] = ImageRecord(
+                    span.sample, span.image, positions.numel(), selection.indices.tolist(), selection.indices.tolist())
+            _sync(device)
+            report.selection_seconds += time.perf_counter() - start
+        else:
+            for span in spans:
+                everything = list(range(span.positions.numel()))
+                records[(span.sample, span.image)] = ImageRecord(span.sample, span.image, len(everything), everything, everything)
+        report.images = [records[(s.sample, s.image)] for s in spans]
+
+        if self.schedule.selector is not None:
+            origin = left_pack(keep)
+        else:  # gates only: the language model input is untouched, layout as given (padding in place)
+            origin = torch.where(real.cpu(), torch.arange(length).expand(batch, -1), -1)
+        entry_local = torch.arange(origin.shape[1]).expand(batch, -1).clone()
+        entry = _Layout(origin, entry_local.masked_fill(origin < 0, 0))
+        self._prefill = _Prefill(
+            spans=spans, visual=visual, image_of=image_of, token_of=token_of, instruction=instruction,
+            system=system, image_sizes=image_sizes, entry=entry, current=entry,
+            gate_layers={layer: i for i, layer in enumerate(self.gate_layers)},
+        )
+        shift = self._renumber_shift(real.cpu(), keep)
+        self._cache_state = _CacheState(lambda: None, [0] * self.adapter.num_layers, [entry.valid], length,
+                                        None if shift is None else shift[:, -1].to(device))
+        if self.schedule.selector is None:
+            return None
+
+        new_kwargs = dict(kwargs)
+        new_kwargs["inputs_embeds"] = gather_rows(new_embeds, origin, seq_dim=1)
+        new_kwargs["attention_mask"] = entry.valid.to(device=device, dtype=mask2d.dtype)
+        positions = gather_positions(full_positions, origin)
+        if shift is not None:
+            positions = positions - gather_rows(shift, origin, seq_dim=1).to(positions.device).masked_fill(origin.to(positions.device) < 0, 0)
+        new_kwargs["position_ids"] = positions
+        new_kwargs.update(self.adapter.reduce_language_model_kwargs(kwargs, origin))
+        return args, new_kwargs
+
+    def _renumber_shift(self, real: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """``[B, L]``: real tokens dropped at or before each position (renumbering mode only)."""
+        if self.schedule.positions != "renumber":
+            return None
+        return torch.cumsum((real & ~keep).long(), dim=1)
+
+    def _select(self, span: ImageSpan, embeds: torch.Tensor) -> Selection:
+        stage = self.schedule.selector
+        assert stage is not None
+        key = (span.sample, span.image)
+        n = span.positions.numel()
+        if self._frozen:
+            if key not in self._decisions.stage1:
+                raise RuntimeStateError(f"frozen run has no stage-I decision for sample {span.sample} image {span.image}")
+            return self._decisions.stage1[key]
+        tokens = VisualTokens(
+            features=embeds[span.sample, span.positions.to(embeds.device)],
+            layout=span.layout,
+            pre_projector=_probe(self._probes.pre_projector, span.encoder_index),
+            cls_attention=_probe(self._probes.cls_attention, span.encoder_index),
+            sample_index=span.sample,
+            image_index=span.image,
+        )
+        k = stage.budget.tokens_for(n)
+        selection = _check_selection(stage.selector, stage.selector.select(tokens, k), n, k, embeds.shape[-1])
+        self._decisions.stage1[key] = selection
+        return selection
+
+    # ------------------------------------------------------------ decode steps
+
+    def _decode_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self._cache_state
+        assert state is not None
+        embeds = kwargs.get("inputs_embeds")
+        num_new = embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[-1] != state.logical_length + num_new:
+            raise RuntimeStateError(
+                f"the attention mask covers {mask.shape[-1]} positions but this pruned cache stands for "
+                f"{state.logical_length} tokens plus {num_new} new ones. Continuing a conversation on a cache "
+                "that tokred pruned is not supported through generate(), which re-feeds tokens it believes are "
+                "missing from the cache; run the whole conversation again instead"
+            )
+        if state.passthrough:
+            state.logical_length += num_new
+            return None
+        device = embeds.device
+        new_valid = mask[:, -num_new:].bool() if mask is not None else torch.ones(embeds.shape[0], num_new, dtype=torch.bool, device=device)
+        state.key_valid = [torch.cat([kv.to(device), new_valid], dim=1) for kv in state.key_valid]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = self.adapter.decode_position_ids(embeds.shape[0], num_new, state.logical_length, device)
+        if state.position_shift is not None:
+            positions = positions - state.position_shift.to(positions.device)[:, None]
+        state.logical_length += num_new
+        new_kwargs = dict(kwargs)
+        new_kwargs["attention_mask"] = state.key_valid[0].to(dtype=mask.dtype if mask is not None else torch.long)
+        new_kwargs["position_ids"] = positions
+        return args, new_kwargs
+
+    # ------------------------------------------------------------ layer hooks
+
+    def _layer_hook(self, index: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._mode == "prefill" and self._prefill is not None:
+                return self._prefill_layer(index, args, kwargs)
+            if self._mode == "decode":
+                return self._decode_layer(index, kwargs, args)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        prefill = self._prefill
+        assert prefill is not None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if index == 0:
+            prefill.model_mask_is_none = kwargs.get("attention_mask") is None
+        if index in prefill.gate_layers:
+            start = time.perf_counter()
+            _sync(hidden.device)
+            local = self._gate(index, prefill, hidden)
+            prefill.current = prefill.current.select(local)
+            hidden = gather_rows(hidden, local, seq_dim=1)
+            _sync(hidden.device)
+            self._report.gating_seconds += time.perf_counter() - start
+            state = self._cache_state
+            assert state is not None
+            state.key_valid.append(prefill.current.valid)
+            group = len(state.key_valid) - 1
+            state.group_of_layer[index:] = [group] * (len(state.group_of_layer) - index)
+        self._record_layer(prefill)
+        if prefill.current is prefill.entry:
+            return None
+        current = prefill.current
+        new_kwargs = dict(kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        new_kwargs["position_embeddings"] = (gather_rows(cos, current.entry_index, seq_dim=-2),
+                                             gather_rows(sin, current.entry_index, seq_dim=-2))
+        if kwargs.get("position_ids") is not None:
+            new_kwargs["position_ids"] = gather_positions(kwargs["position_ids"], current.entry_index)
+        valid = current.valid.to(hidden.device)
+        if prefill.model_mask_is_none and bool(valid.all()):
+            new_kwargs["attention_mask"] = None  # keeps sdpa on its is_causal fast path
+        else:
+            new_kwargs["attention_mask"] = format_mask(causal_key_mask(valid, valid.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
+        new_kwargs.update(self.adapter.reduce_layer_kwargs(kwargs, current.entry_index))
+        if args:
+            return (hidden, *args[1:]), new_kwargs
+        new_kwargs["hidden_states"] = hidden
+        return args, new_kwargs
+
+    def _record_layer(self, prefill: _Prefill) -> None:
+        origin = prefill.current.origin
+        visual_alive = prefill.visual.gather(1, origin.clamp(min=0)) & (origin >= 0)
+        self._report.visual_tokens_per_layer.append([int(n) for n in visual_alive.sum(1)])
+        for record in self._report.images:
+            image_alive = visual_alive[record.sample] & (prefill.image_of[record.sample].gather(0, origin[record.sample].clamp(min=0)) == record.image)
+            record.kept_per_layer.append(int(image_alive.sum()))
+
+    def _decode_layer(self, index: int, kwargs: dict, args: tuple) -> tuple[tuple, dict] | None:
+        state = self._cache_state
+        if state is None or state.passthrough or not state.group_of_layer or state.group_of_layer[index] == 0:
+            return None
+        valid = state.key_valid[state.group_of_layer[index]]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        new_kwargs = dict(kwargs)
+        new_kwargs["attention_mask"] = format_mask(causal_key_mask(valid, hidden.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
+        return args, new_kwargs
+
+    # -------------------------------------------------------------------- gates
+
+    def _stash_for(self, gate_layer: int) -> Callable[[torch.Tensor, torch.Tensor, float], None]:
+        def stash(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+            if self._mode == "prefill" and self._prefill is not None and not self._frozen:
+                self._prefill.stash[gate_layer] = (query, key, scaling)
+
+        return stash
+
+    def _gate(self, layer: int, prefill: _Prefill, hidden: torch.Tensor) -> torch.Tensor:
+        """Run the gate at ``layer`` on every sample; return the packed local indices ``[B, L']``."""
+        stage = self.schedule.gates[prefill.gate_layers[layer]]
+        current = prefill.current
+        origin = current.origin
+        valid = current.valid
+        keep = valid.clone()
+        stash = prefill.stash.pop(layer, None)
+        for sample in range(origin.shape[0]):
+            row_origin = origin[sample].clamp(min=0)
+            visual_local = torch.nonzero(valid[sample] & prefill.visual[sample, row_origin]).flatten()
+            if visual_local.numel() == 0:
+                continue
+            visual_origin = origin[sample, visual_local]
+            if self._frozen:
+                key = (layer, sample)
+                if key not in self._decisions.gates:
+                    raise RuntimeStateError(f"frozen run has no decision for the gate at layer {layer}, sample {sample}")
+                kept_local = visual_local[torch.isin(visual_origin, self._decisions.gates[key])]
+            else:
+                state = self._gate_state(layer, sample, prefill, stage.budget, visual_local, valid[sample], hidden, stash)
+                chosen = _check_gate_choice(stage.gate, stage.gate.select(state), state)
+                kept_local = visual_local[chosen]
+                self._decisions.gates[(layer, sample)] = origin[sample, kept_local]
+            keep[sample, visual_local] = False
+            keep[sample, kept_local] = True
+            self._update_final(sample, prefill, origin[sample, kept_local])
+        return left_pack(keep)
+
+    def _update_final(self, sample: int, prefill: _Prefill, kept_origin: torch.Tensor) -> None:
+        for record in self._report.images:
+            if record.sample == sample:
+                mine = kept_origin[prefill.image_of[sample, kept_origin] == record.image]
+                record.kept_final = sorted(int(t) for t in prefill.token_of[sample, mine])
+
+    def _gate_state(self, layer: int, sample: int, prefill: _Prefill, budget: Budget | None,
+                    visual_local: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor,
+                    stash: tuple[torch.Tensor, torch.Tensor, float] | None) -> GateState:
+        origin = prefill.current.origin[sample].clamp(min=0)
+        visual_image = prefill.image_of[sample, origin[visual_local]]
+        visual_token = prefill.token_of[sample, origin[visual_local]]
+        keep_per_image = None
+        if budget is not None:
+            keep_per_image = []
+            for image, size in enumerate(prefill.image_sizes[sample]):
+                k = budget.tokens_for(size)
+                alive = int((visual_image == image).sum())
+                if k > alive:
+                    raise BudgetError(
+                        f"gate at layer {layer} keeps {k} tokens of image {image} (sample {sample}) but only "
+                        f"{alive} are alive there after earlier stages"
+                    )
+                keep_per_image.append(k)
+        roles = {
+            "instruction": torch.nonzero(valid & prefill.instruction[sample, origin]).flatten(),
+            "system": torch.nonzero(valid & prefill.system[sample, origin]).flatten(),
+            "visual": visual_local,
+            "last": torch.nonzero(valid).flatten()[-1:],
+        }
+        roles["text"] = torch.sort(torch.cat([roles["system"], roles["instruction"]])).values
+
+        def attention(queries: str, keys: str) -> torch.Tensor:
+            if stash is None:
+                raise RuntimeStateError(f"no attention was captured for the gate at layer {layer}")
+            if queries not in roles or keys not in roles:
+                raise ValueError(f"attention roles are {sorted(roles)}, got {queries!r} -> {keys!r}")
+            return _attention_slice(stash, sample, roles[queries], roles[keys], valid)
+
+        return GateState(
+            layer=layer, sample_index=sample, visual_image=visual_image, visual_token=visual_token,
+            keep_per_image=keep_per_image, num_instruction=int(roles["instruction"].numel()),
+            num_system=int(roles["system"].numel()), hidden_states=hidden[sample, valid.to(hidden.device)],
+            _attention=attention,
+        )
+
+
+def _probe(values: list[torch.Tensor], index: int) -> torch.Tensor | None:
+    return values[index] if index < len(values) else None
+
+
+def _attention_slice(stash: tuple[torch.Tensor, torch.Tensor, float], sample: int, query_local: torch.Tensor,
+                     key_local: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[H, Q, K]`` attention probabilities of one sample, normalised over every visible key."""
+    query, key, scaling = stash
+    device = query.device
+    q = query[sample, :, query_local.to(device)].float()                       # [H, Q, d]
+    k = key[sample].float()                                                    # [H_kv, L, d]
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)                  # grouped KV heads
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling                    # [H, Q, L]
+    key_pos = torch.arange(k.shape[1], device=device)
+    visible = (key_pos[None, :] <= query_local.to(device)[:, None]) & valid.to(device)[None, :]
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    return torch.softmax(scores, dim=-1)[:, :, key_local.to(device)]
+
+
+def _check_selection(selector: Selector, result: torch.Tensor | Selection, n: int, k: int, dim: int) -> Selection:
+    """Validate a selector's result and sort it into spatial order."""
+    name = type(selector).__name__
+    selection = result if isinstance(result, Selection) else Selection(result)
+    indices = selection.indices
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.long, torch.int32, torch.int64):
+        raise MethodContractError(f"{name}.select must return a 1-D integer tensor of indices, got {indices!r:.80}")
+    indices = indices.detach().long().cpu()
+    if indices.numel() != k:
+        raise MethodContractError(f"{name}.select returned {indices.numel()} indices; the budget is exactly {k}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise MethodContractError(f"{name}.select returned indices outside 0..{n - 1}")
+    if torch.unique(indices).numel() != indices.numel():
+        raise MethodContractError(f"{name}.select returned duplicate indices")
+    order = torch.argsort(indices)
+    features = selection.features
+    if features is not None:
+        if features.shape != (k, dim):
+            raise MethodContractError(f"{name}.select returned features of shape {tuple(features.shape)}, expected ({k}, {dim})")
+        features = features[order.to(features.device)]
+    return Selection(indices[order], features)
+
+
+def _check_gate_choice(gate: Gate, chosen: torch.Tensor, state: GateState) -> torch.Tensor:
+    name = type(gate).__name__
+    if not isinstance(chosen, torch.Tensor) or chosen.dim() != 1 or chosen.dtype not in (torch.long, torch.int32, torch.int64):
+        raise MethodContractError(f"{name}.select must return a 1-D integer tensor of indices, got {chosen!r:.80}")
+    chosen = chosen.detach().long().cpu()
+    v = state.num_visual
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= v):
+        raise MethodContractError(f"{name}.select returned indices outside 0..{v - 1}")
+    if torch.unique(chosen).numel() != chosen.numel():
+        raise MethodContractError(f"{name}.select returned duplicate indices")
+    if state.keep_per_image is not None:
+        counts = torch.bincount(state.visual_image[chosen], minlength=len(state.keep_per_image)).tolist()
+        if counts != list(state.keep_per_image):
+            raise MethodContractError(f"{name}.select kept {counts} tokens per image; the budget is exactly {state.keep_per_image}")
+    return torch.sort(chosen).values

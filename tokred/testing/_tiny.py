@@ -1,0 +1,244 @@
+"""Tiny, offline, random-weight vision-language models for tests and demos.
+
+The models use the *real* transformers classes and processors, so code paths
+(attention dispatch, image-token scattering, processor expansion, ``generate``)
+are the ones used by full-size checkpoints, while every dimension is shrunk so
+that a model builds in milliseconds and runs on CPU. Nothing is downloaded: the
+tokenizer is trained in-process on a few sentences and weights are random.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+__all__ = ["FAMILIES", "make_image", "tiny_model"]
+
+_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "What is shown in this image? Describe the picture in detail.",
+    "A red circle, a green square and a blue triangle on a gradient background.",
+    "USER: What colour is the car? ASSISTANT: The car is yellow.",
+    "There are two cats sitting on a wooden table next to a window.",
+    "Please answer the question with a single word or a short phrase.",
+)
+
+# Same template as llava-hf/llava-1.5-*-hf (images first, then text), extended to
+# accept plain-string content so text-only chats are easy to write in tests.
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Tiny LLaVA-1.5 dimensions. The vision grid is kept at full size (336 / 14 -> 24x24 = 576
+# visual tokens) because token-reduction code cares about the real token count and grid
+# shape; only the widths and depths shrink. The text model keeps 8 layers so per-layer
+# reduction schedules have room, and uses GQA (4 query heads, 2 KV heads) on purpose so
+# that KV-cache and attention code cannot silently assume num_key_value_heads == num_heads.
+_LLAVA_DEFAULTS: dict[str, Any] = {
+    "image_size": 336,
+    "patch_size": 14,
+    "vision_hidden_size": 32,
+    "vision_num_hidden_layers": 2,  # enough for vision_feature_layer=-2 to be a real layer
+    "vision_num_attention_heads": 4,
+    "vision_intermediate_size": 64,
+    "hidden_size": 64,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 4096,  # room for several 576-token images plus text
+    # Larger than the usual 0.02 so logits are not near-uniform and greedy decoding
+    # of a random model produces varied tokens instead of one token repeated.
+    "initializer_range": 0.2,
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    """Train the byte-level BPE once per process; cache it as immutable JSON."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    # Llama-style: prepend BOS, as the real LLaVA-1.5 tokenizer does.
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return tok.to_str()
+
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A fresh tokenizer built from the cached JSON, so callers may mutate it freely."""
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        # Makes `tokenizer.image_token` / `.image_token_id` exist, which LlavaProcessor reads.
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",  # batched generation needs left padding
+    )
+
+
+def _build_llava(
+    tokenizer: transformers.PreTrainedTokenizerFast, attn_implementation: str, p: dict[str, Any]
+) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """LLaVA-1.5 layout: CLIP vision tower -> 2-layer MLP projector -> Llama."""
+    vision_config = transformers.CLIPVisionConfig(
+        image_size=p["image_size"],
+        patch_size=p["patch_size"],
+        hidden_size=p["vision_hidden_size"],
+        num_hidden_layers=p["vision_num_hidden_layers"],
+        num_attention_heads=p["vision_num_attention_heads"],
+        intermediate_size=p["vision_intermediate_size"],
+        initializer_range=p["initializer_range"],
+    )
+    text_config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=p["hidden_size"],
+        num_hidden_layers=p["num_hidden_layers"],
+        num_attention_heads=p["num_attention_heads"],
+        num_key_value_heads=p["num_key_value_heads"],
+        intermediate_size=p["intermediate_size"],
+        max_position_embeddings=p["max_position_embeddings"],
+        initializer_range=p["initializer_range"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    strategy = p["vision_feature_select_strategy"]
+    # "default" drops CLIP's CLS token, "full" keeps it.
+    num_image_tokens = (p["image_size"] // p["patch_size"]) ** 2 + (strategy == "full")
+    config = transformers.LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.image_token_id,
+        image_seq_length=num_image_tokens,
+        vision_feature_layer=p["vision_feature_layer"],
+        vision_feature_select_strategy=strategy,
+    )
+    model = transformers.LlavaForConditionalGeneration._from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32
+    )
+    image_processor = transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": p["image_size"]},
+        crop_size={"height": p["image_size"], "width": p["image_size"]},
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=p["patch_size"],
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+_Builder = Callable[
+    [transformers.PreTrainedTokenizerFast, str, dict[str, Any]],
+    tuple[transformers.PreTrainedModel, transformers.ProcessorMixin],
+]
+
+# family -> (builder, default dimensions). Adding a family means adding one entry here.
+_BUILDERS: dict[str, tuple[_Builder, dict[str, Any]]] = {
+    "llava": (_build_llava, _LLAVA_DEFAULTS),
+}
+
+FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def tiny_model(
+    family: str = "llava", *, attn_implementation: str = "sdpa", seed: int = 0, **overrides: Any
+) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """Build a tiny random-weight vision-language model and its matching processor.
+
+    "llava" defaults: 336px images in 14px patches -> 576 visual tokens per image;
+    CLIP tower 32 wide x 2 layers; Llama 64 wide x 8 layers with 4 query / 2 KV heads.
+
+    Args:
+        family: One of :data:`FAMILIES`.
+        attn_implementation: Passed through to transformers (e.g. ``"sdpa"``, ``"eager"``).
+        seed: Seeds weight initialisation; equal seeds give identical weights.
+        **overrides: Replace default dimensions, e.g. ``num_hidden_layers=2`` or
+            ``image_size=224``. Text-model keys are unprefixed, vision-tower keys
+            start with ``vision_`` (plus ``image_size`` and ``patch_size``).
+
+    Returns:
+        ``(model, processor)``; the model is float32 and in eval mode.
+
+    Raises:
+        ValueError: ``family`` is not supported.
+        TypeError: an override key is not a known dimension for ``family``.
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    builder, defaults = _BUILDERS[family]
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise TypeError(
+            f"unknown override(s) {', '.join(unknown)} for family {family!r}; "
+            f"valid: {', '.join(sorted(defaults))}"
+        )
+    # fork_rng so that seeding here does not reset the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = builder(_tokenizer(), attn_implementation, {**defaults, **overrides})
+    return model.eval(), processor
+
+
+def make_image(width: int = 336, height: int = 336, seed: int = 0) -> Image.Image:
+    """A deterministic synthetic RGB image: a colour gradient with a few filled shapes.
+
+    Structure (edges, flat regions, distinct colours) makes it a more useful input
+    than noise for eyeballing which visual tokens a reduction method keeps.
+    """
+    rng = random.Random(seed)
+    vertical = Image.linear_gradient("L")  # 256x256, dark at the top, light at the bottom
+    horizontal = vertical.transpose(Image.Transpose.TRANSPOSE)
+    image = Image.merge(
+        "RGB",
+        (
+            horizontal.resize((width, height)),
+            vertical.resize((width, height)),
+            Image.new("L", (width, height), 128),
+        ),
+    )
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        size = rng.randint(max(min(width, height) // 8, 1), max(min(width, height) // 3, 1))
+        # Keep shapes fully inside so every seed shows all four.
+        x0, y0 = rng.randrange(width - size + 1), rng.randrange(height - size + 1)
+        box = (x0, y0, x0 + size - 1, y0 + size - 1)
+        fill = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.rectangle(box, fill=fill)
+    return image

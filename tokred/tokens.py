@@ -1,0 +1,163 @@
+"""The objects that selectors and gates receive and return.
+
+Selectors see one image at a time (:class:`VisualTokens`); gates see one sample at one decoder layer
+(:class:`GateState`). Both are plain tensors plus a small context; nothing model-specific leaks in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+__all__ = ["ImageLayout", "VisualTokens", "Selection", "GateState", "AttentionRole"]
+
+#: Which positions of a sample an attention query or key set refers to.
+#: ``"instruction"``: instruction text (the text after the first image, as the adapter defines it);
+#: ``"system"``: text before the first image; ``"text"``: both; ``"visual"``: the visual tokens still
+#: alive; ``"last"``: the last position of the sample (the token that predicts the next one).
+AttentionRole = Literal["instruction", "system", "text", "visual", "last"]
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where each visual token of one image sits.
+
+    Attributes:
+        tile: ``[N]`` long, the tile each token belongs to (0 for untiled images).
+        row: ``[N]`` long, the token's row inside its tile's grid.
+        col: ``[N]`` long, the token's column inside its tile's grid.
+        grids: ``(rows, cols)`` of every tile, indexed by tile number.
+        thumbnail_tile: the tile that holds the global (whole-image) view, or ``None`` when the image
+            is not tiled. For an untiled image the single tile *is* the whole image, so this is 0.
+        extra: ``[N]`` bool, tokens that are not grid cells (e.g. LLaVA-NeXT row separators).
+    """
+
+    tile: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    grids: tuple[tuple[int, int], ...]
+    thumbnail_tile: int | None = 0
+    extra: torch.Tensor | None = None
+
+    @classmethod
+    def grid(cls, rows: int, cols: int, *, leading_extra: int = 0) -> ImageLayout:
+        """Layout of one untiled ``rows x cols`` grid in row-major order.
+
+        ``leading_extra`` tokens that precede the grid (a vision [CLS] token kept as a visual token)
+        are marked in :attr:`extra` and placed at row/col -1.
+        """
+        n = rows * cols
+        idx = torch.arange(n)
+        row = torch.cat([torch.full((leading_extra,), -1), idx // cols])
+        col = torch.cat([torch.full((leading_extra,), -1), idx % cols])
+        extra = torch.cat([torch.ones(leading_extra, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+        return cls(
+            tile=torch.zeros(n + leading_extra, dtype=torch.long),
+            row=row,
+            col=col,
+            grids=((rows, cols),),
+            thumbnail_tile=0,
+            extra=extra if leading_extra else None,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tile.numel())
+
+    def thumbnail_mask(self) -> torch.Tensor:
+        """``[N]`` bool: the tokens of the global view (all tokens when untiled)."""
+        if self.thumbnail_tile is None:
+            return torch.ones(self.num_tokens, dtype=torch.bool)
+        return self.tile == self.thumbnail_tile
+
+
+@dataclass
+class VisualTokens:
+    """The visual tokens of one image, as a Selector sees them (stage I, before the LLM).
+
+    Attributes:
+        features: ``[N, D]`` projected features, i.e. the LLM input embeddings of the image.
+        layout: where each token sits (:class:`ImageLayout`).
+        pre_projector: ``[N, D_v]`` vision-encoder features before the projector, when the
+            adapter can provide them, else ``None``.
+        cls_attention: ``[N]`` attention from the vision encoder's [CLS] token to each token at the
+            feature layer the model uses (averaged over heads), or ``None`` for encoders without
+            [CLS] (Qwen-VL). Selectors must document their fallback.
+        sample_index: the batch row the image belongs to.
+        image_index: the image's number within its sample (0 for the first image of a row).
+    """
+
+    features: torch.Tensor
+    layout: ImageLayout
+    pre_projector: torch.Tensor | None = None
+    cls_attention: torch.Tensor | None = None
+    sample_index: int = 0
+    image_index: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass
+class Selection:
+    """What a Selector returns: the indices to keep, optionally with replacement features.
+
+    Attributes:
+        indices: ``[k]`` long, indices into the image's ``N`` tokens; any order, no duplicates.
+        features: ``[k, D]`` replacement features for the kept tokens (merging selectors), aligned
+            with ``indices``; ``None`` keeps the original features.
+    """
+
+    indices: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+@dataclass
+class GateState:
+    """One sample's state at a decoder layer, as a Gate sees it (stage II, inside the LLM).
+
+    Indices of visual tokens are *alive-relative*: ``0 .. V-1`` enumerate the visual tokens still
+    present at this layer, in sequence order. ``visual_image`` and ``visual_token`` map each of them
+    back to its image and to its index within that image.
+
+    Attributes:
+        layer: the decoder layer the gate acts at (tokens dropped here are absent from this layer on).
+        sample_index: the batch row.
+        visual_image: ``[V]`` long, the image (within the sample) of each alive visual token.
+        visual_token: ``[V]`` long, each alive visual token's index within its image.
+        keep_per_image: the number of tokens to keep for each image of the sample (from the gate's
+            budget), or ``None`` when the gate has no budget and decides itself (all-or-none gates).
+        num_instruction: number of instruction-text positions.
+        num_system: number of system-text positions.
+        hidden_states: ``[L, D]`` this sample's hidden states entering the layer (padding removed).
+    """
+
+    layer: int
+    sample_index: int
+    visual_image: torch.Tensor
+    visual_token: torch.Tensor
+    keep_per_image: list[int] | None
+    num_instruction: int
+    num_system: int
+    hidden_states: torch.Tensor
+    _attention: Callable[[AttentionRole, AttentionRole], torch.Tensor] = field(repr=False, default=None)  # type: ignore[assignment]
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.visual_image.numel())
+
+    def attention(self, queries: AttentionRole = "instruction", keys: AttentionRole = "visual") -> torch.Tensor:
+        """Attention probabilities of the previous layer from ``queries`` to ``keys``.
+
+        Returns ``[heads, Q, K]`` float32: the softmax-normalised attention (normalised over every
+        key the query can see, causal mask and padding included), restricted to the requested query
+        and key positions. It is computed on demand from that layer's own query and key states
+        (rotary embedding applied, grouped KV heads expanded) while the model keeps running its
+        attention kernel; no full ``L x L`` matrix is formed.
+        """
+        if self._attention is None:
+            raise RuntimeError("this GateState has no attention source")
+        return self._attention(queries, keys)
