@@ -30,6 +30,21 @@ class Method(BaseModel):
         """The Schedule these options describe."""
         raise NotImplementedError
 
+    @model_validator(mode="after")
+    def _schedule_is_buildable(self) -> Method:
+        # Options that cannot form a schedule (a gate at layer 0, a gate budget above the
+        # selector's) fail at create(), not at the first forward pass.
+        self.schedule()
+        return self
+
+    def keep_everything(self) -> Method:
+        """This method with options under which it keeps every visual token.
+
+        The conformance suite checks that such a run gives exactly the unmodified model's logits,
+        with all of the method's code paths still running (selectors select, gates score).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement keep_everything()")
+
     @classmethod
     def describe(cls) -> str:
         doc = (cls.__doc__ or "").strip()
@@ -55,6 +70,11 @@ class BudgetOptions(BaseModel):
             raise BudgetError(f"give either keep or keep_ratio, not both (got keep={self.keep}, keep_ratio={self.keep_ratio})")
         self.budget  # noqa: B018 - validates the values now, before any model call
         return self
+
+    def keep_everything(self) -> BudgetOptions:
+        """These options with ``keep_ratio=1.0``. Methods with further ways of dropping tokens (an
+        all-or-none gate, say) extend this to switch those off as well."""
+        return self.model_copy(update={"keep": None, "keep_ratio": 1.0})
 
     @property
     def budget(self) -> Budget:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from . import hookspecs
 from .components import Gate, Selector
-from .errors import BudgetError, OptionsError, PluginError, UnsupportedModelError
+from .errors import OptionsError, PluginError, TokredError, UnsupportedModelError
 from .method import Method
 
 if TYPE_CHECKING:
@@ -277,12 +277,22 @@ def _instantiate(entry: Entry, options: dict[str, Any]) -> Any:
     try:
         return cls(**options)
     except ValidationError as exc:
-        causes = [e.get("ctx", {}).get("error") for e in exc.errors()]
-        budget = next((c for c in causes if isinstance(c, BudgetError)), None)
-        if budget is not None:
-            raise BudgetError(f"{entry.kind} {entry.name!r}: {budget}") from None
+        cause = _tokred_cause(exc)
+        if cause is not None:
+            raise type(cause)(f"{entry.kind} {entry.name!r}: {cause}") from None
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
         raise OptionsError(f"invalid options for {entry.kind} {entry.name!r}: {problems}. {_describe_fields(cls)}") from None
+
+
+def _tokred_cause(exc: ValidationError) -> TokredError | None:
+    """The tokred error a validator raised, if any (pydantic wraps them, also in nested models)."""
+    for error in exc.errors():
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, ValidationError):
+            cause = _tokred_cause(cause)
+        if isinstance(cause, TokredError):
+            return cause
+    return None
 
 
 def _describe_fields(cls: type) -> str:

@@ -174,6 +174,8 @@ def split_runs(input_ids: torch.Tensor, token_id: int, tokens_per_image: int) ->
     spans = []
     for row in range(input_ids.shape[0]):
         positions = torch.nonzero(input_ids[row] == token_id).flatten().cpu()
+        if positions.numel() == 0:
+            continue
         if positions.numel() % tokens_per_image:
             raise RuntimeStateError(
                 f"row {row} has {positions.numel()} image tokens, not a multiple of {tokens_per_image} per image"

@@ -51,8 +51,8 @@ class LlavaAdapter(Adapter):
 
     def _vision_layers(self) -> nn.ModuleList | None:
         tower = self.multimodal_model().vision_tower
-        encoder = getattr(getattr(tower, "vision_model", None), "encoder", None)
-        return getattr(encoder, "layers", None)
+        body = getattr(tower, "vision_model", tower)  # transformers 5.x flattened CLIPVisionModel at some point
+        return getattr(getattr(body, "encoder", None), "layers", None)
 
     def _feature_layer_index(self) -> int | None:
         """The encoder layer whose output the projector reads (``hidden_states[vision_feature_layer]``).

@@ -139,6 +139,7 @@ class _CacheState:
     key_valid: list[torch.Tensor]
     logical_length: int
     position_shift: torch.Tensor | None
+    next_position: torch.Tensor | None = None
     passthrough: bool = False
 
 
@@ -255,13 +256,13 @@ class Run:
         adapter = self.adapter
         mm, lm, layers = adapter.multimodal_model(), adapter.language_model(), adapter.decoder_layers()
         self._hook(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
-        self._hook(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+        self._hook(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True, prepend=True))
         self._hook(lm.register_forward_hook(self._after_language_model, with_kwargs=True))
         for index, layer in enumerate(layers):
-            self._hook(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+            self._hook(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True, prepend=True))
         for layer in self.gate_layers:
             self._removers.append(observe_attention(adapter.self_attention(layers[layer - 1]), self._stash_for(layer)))
-        wanted = type(self.schedule.selector.selector).inputs if self.schedule.selector else frozenset()
+        wanted = self.schedule.selector.selector.inputs if self.schedule.selector else frozenset()
         self._removers.extend(adapter.install_vision_probes(self._probes, wanted))
 
     def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
@@ -392,7 +393,8 @@ class Run:
         )
         shift = self._renumber_shift(real.cpu(), keep)
         self._cache_state = _CacheState(lambda: None, [0] * self.adapter.num_layers, [entry.valid], length,
-                                        None if shift is None else shift[:, -1].to(device))
+                                        None if shift is None else shift[:, -1].to(device),
+                                        _next_position(full_positions, real))
         if self.schedule.selector is None:
             return None
 
@@ -453,11 +455,21 @@ class Run:
             state.logical_length += num_new
             return None
         device = embeds.device
-        new_valid = mask[:, -num_new:].bool() if mask is not None else torch.ones(embeds.shape[0], num_new, dtype=torch.bool, device=device)
-        state.key_valid = [torch.cat([kv.to(device), new_valid], dim=1) for kv in state.key_valid]
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = self.adapter.decode_position_ids(embeds.shape[0], num_new, state.logical_length, device)
+        elif state.next_position is not None:
+            first = positions[..., 0].reshape(-1, positions.shape[-2]).amax(dim=0)
+            if not torch.equal(first.cpu(), state.next_position):
+                raise RuntimeStateError(
+                    f"decoding resumes at position {first.tolist()} but this pruned cache ends before position "
+                    f"{state.next_position.tolist()}. Continuing a conversation on a cache that tokred pruned is not "
+                    "supported through generate(), which re-feeds tokens it believes are missing from the shorter "
+                    "cache; run the whole conversation again instead"
+                )
+        state.next_position = positions.reshape(-1, positions.shape[-2], positions.shape[-1]).amax(dim=0)[:, -1].cpu() + 1
+        new_valid = mask[:, -num_new:].bool() if mask is not None else torch.ones(embeds.shape[0], num_new, dtype=torch.bool, device=device)
+        state.key_valid = [torch.cat([kv.to(device), new_valid], dim=1) for kv in state.key_valid]
         if state.position_shift is not None:
             positions = positions - state.position_shift.to(positions.device)[:, None]
         state.logical_length += num_new
@@ -619,6 +631,13 @@ class Run:
             num_system=int(roles["system"].numel()), hidden_states=hidden[sample, valid.to(hidden.device)],
             _attention=attention,
         )
+
+
+def _next_position(full_positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``[B]``: one past the largest position of each row's real tokens (over M-RoPE axes too),
+    where the unmodified model's next token goes."""
+    flat = full_positions.reshape(-1, *full_positions.shape[-2:]).amax(dim=0).cpu()   # [B, L]
+    return flat.masked_fill(~real.cpu(), -1).amax(dim=1) + 1
 
 
 def _probe(values: list[torch.Tensor], index: int) -> torch.Tensor | None:

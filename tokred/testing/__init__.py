@@ -1,5 +1,14 @@
-"""Testing utilities: tiny offline models and the conformance suite."""
+"""Testing utilities for tokred and its plugins: tiny offline models and the conformance suite.
 
+``tiny_model(family)`` builds a random-weight model of a supported family with the real
+``transformers`` classes and processor, offline. ``check_method(name)`` runs every conformance
+property (see :mod:`tokred.testing._checks`) on every registered adapter that has a tiny model.
+"""
+
+from ._checks import CHECKS, ConformanceError, check_method, conformance_cases, tiny_inputs
 from ._tiny import FAMILIES, make_image, tiny_model
 
-__all__ = ["FAMILIES", "make_image", "tiny_model"]
+__all__ = [
+    "FAMILIES", "make_image", "tiny_model", "tiny_inputs",
+    "CHECKS", "ConformanceError", "check_method", "conformance_cases",
+]

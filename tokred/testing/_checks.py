@@ -1,0 +1,340 @@
+"""The conformance suite: the properties every method must have on every adapter.
+
+Each ``check_*`` function builds a tiny offline model of one family, applies the method and
+raises :class:`ConformanceError` (an ``AssertionError``) naming the property, the family, the
+attention implementation and what differed. :func:`check_method` runs them all.
+
+The properties (DESIGN.md section 6):
+
+1. ``keep_everything``: the method's keep-everything variant gives the unmodified model's logits;
+2. ``cache_consistency``: greedy ``generate`` with the KV cache gives the same tokens as
+   recomputing every step without a cache on the same reduced sequence (``Run.frozen``);
+3. ``layer_counts``: the visual tokens each decoder layer receives (counted by independent hooks)
+   match the schedule's promise and the run report;
+4. ``batch_invariance``: a left-padded batch of prompts of different lengths gives the same kept
+   indices, last-token logits and generated tokens as each prompt alone;
+5. ``determinism_and_cleanup``: the same inputs give the same kept indices; every hook is gone
+   after the ``with`` block, also when it is left by an exception;
+6. ``text_only_and_errors``: text-only prompts pass through untouched; impossible budgets and
+   unknown options fail with tokred errors before any model call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import BudgetError, OptionsError, TokredError
+from ..method import Method
+from ..registry import Registry, default_registry
+from ..runtime import apply
+from ._tiny import FAMILIES, make_image, tiny_model
+
+__all__ = ["ConformanceError", "CHECKS", "check_method", "conformance_cases", "tiny_inputs"]
+
+_ATOL = 1e-5
+_BATCH_ATOL = 1e-4  # padding changes summation order inside the kernels
+
+
+class ConformanceError(AssertionError):
+    """A method broke a conformance property; the message names the property and the case."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (method, family, attention implementation) combination."""
+
+    method: Method
+    name: str
+    family: str
+    attn_implementation: str
+    registry: Registry
+
+    def fail(self, prop: str, message: str) -> ConformanceError:
+        return ConformanceError(f"[{prop}] method {self.name!r} on {self.family} ({self.attn_implementation}): {message}")
+
+    def model(self) -> tuple[nn.Module, Any]:
+        return tiny_model(self.family, attn_implementation=self.attn_implementation)
+
+
+def tiny_inputs(processor: Any, prompts: Sequence[str], images_per_prompt: int = 1) -> dict[str, torch.Tensor]:
+    """Processor inputs for ``prompts`` (each with ``images_per_prompt`` synthetic images), built
+    through the processor's own chat template and left-padded."""
+    texts, images = [], []
+    for i, prompt in enumerate(prompts):
+        content = [{"type": "image"}] * images_per_prompt + [{"type": "text", "text": prompt}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        images += [make_image(seed=10 * i + j) for j in range(images_per_prompt)]
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+    if images:
+        kwargs["images"] = images
+    return dict(processor(**kwargs))
+
+
+_PROMPTS = ("What is shown in this image?", "Describe the picture in detail please, with the colours of every shape.")
+
+
+def _hook_census(model: nn.Module) -> dict[str, Any]:
+    """Every forward hook and attention config object in the model, to compare before and after."""
+    census: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        census[name] = (
+            tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
+            id(getattr(module, "config", None)),
+        )
+    return census
+
+
+@contextlib.contextmanager
+def _count_layer_inputs(layers: Sequence[nn.Module]) -> Iterator[list[list[int]]]:
+    """Record each decoder layer's input sequence length per forward, with hooks of our own."""
+    lengths: list[list[int]] = []
+
+    def make(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                lengths.append([])
+            lengths[-1].append(int(hidden.shape[1]))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield lengths
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=6, do_sample=False, **kwargs)
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def check_keep_everything(case: Case) -> None:
+    """Property 1: keeping every visual token reproduces the unmodified model's logits."""
+    model, processor = case.model()
+    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    expected = _logits(model, inputs)
+    with apply(model, case.method.keep_everything(), registry=case.registry):
+        got = _logits(model, inputs)
+    if got.shape != expected.shape:
+        raise case.fail("keep_everything", f"logits shape {tuple(got.shape)} != unmodified {tuple(expected.shape)}")
+    diff = (got - expected).abs().max().item()
+    if diff > _ATOL:
+        raise case.fail("keep_everything", f"logits differ from the unmodified model by {diff:.3g} (atol {_ATOL})")
+
+
+def check_cache_consistency(case: Case) -> None:
+    """Property 2: cached generation equals cache-free recomputation on the same reduced sequence."""
+    model, processor = case.model()
+    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    with apply(model, case.method, registry=case.registry) as run:
+        cached = _generate(model, inputs)
+        with run.frozen():
+            recomputed = _generate(model, inputs, use_cache=False)
+    if not torch.equal(cached, recomputed):
+        raise case.fail("cache_consistency", f"generate with cache gave {cached[0, -6:].tolist()}, "
+                        f"recomputation without cache gave {recomputed[0, -6:].tolist()}")
+
+
+def _promised_counts(case: Case, num_layers: int, image_tokens: int) -> list[set[int]]:
+    """Per layer, the visual-token counts the schedule allows for one one-image prompt."""
+    schedule = case.method.schedule()
+    count = {image_tokens}
+    if schedule.selector is not None:
+        count = {schedule.selector.budget.tokens_for(image_tokens)}
+    gates = dict(zip(schedule.gate_layers(num_layers), schedule.gates))
+    promised = []
+    for layer in range(num_layers):
+        stage = gates.get(layer)
+        if stage is not None:
+            count = {stage.budget.tokens_for(image_tokens)} if stage.budget is not None else count | {0}
+        promised.append(set(count))
+    return promised
+
+
+def check_layer_counts(case: Case) -> None:
+    """Property 3: each decoder layer sees the number of visual tokens the schedule promised."""
+    model, processor = case.model()
+    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    layers = list(model.model.language_model.layers)
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    text_tokens = inputs["input_ids"].shape[1] - image_tokens
+    with apply(model, case.method, registry=case.registry) as run, _count_layer_inputs(layers) as lengths:
+        _logits(model, inputs)
+    seen = [n - text_tokens for n in lengths[0]]
+    promised = _promised_counts(case, len(layers), image_tokens)
+    for layer, (n, allowed) in enumerate(zip(seen, promised)):
+        if n not in allowed:
+            raise case.fail("layer_counts", f"layer {layer} received {n} visual tokens; the schedule promised {sorted(allowed)}")
+    reported = [counts[0] for counts in run.report.visual_tokens_per_layer]
+    if reported != seen:
+        raise case.fail("layer_counts", f"report says {reported} visual tokens per layer, the layers received {seen}")
+    if any(later > earlier for earlier, later in zip(seen, seen[1:])):
+        raise case.fail("layer_counts", f"the visual-token count grew from one layer to the next: {seen}")
+
+
+def check_batch_invariance(case: Case) -> None:
+    """Property 4: a padded batch behaves like each prompt alone."""
+    model, processor = case.model()
+    batch = tiny_inputs(processor, _PROMPTS)
+    with apply(model, case.method, registry=case.registry) as run:
+        batch_logits = _logits(model, batch)[:, -1]
+        batch_kept = run.report.kept_indices
+        batch_tokens = _generate(model, batch)[:, -6:]
+        for i, prompt in enumerate(_PROMPTS):
+            alone = tiny_inputs(processor, [prompt])
+            alone["pixel_values"] = batch["pixel_values"][i:i + 1]
+            alone_logits = _logits(model, alone)[:, -1]
+            if run.report.kept_indices[0] != batch_kept[i]:
+                raise case.fail("batch_invariance", f"prompt {i} keeps different tokens in a batch than alone")
+            diff = (alone_logits[0] - batch_logits[i]).abs().max().item()
+            if diff > _BATCH_ATOL:
+                raise case.fail("batch_invariance", f"prompt {i}: last-token logits differ by {diff:.3g} between batch and alone")
+            alone_tokens = _generate(model, alone)[:, -6:]
+            if not torch.equal(alone_tokens[0], batch_tokens[i]):
+                raise case.fail("batch_invariance", f"prompt {i} generates {alone_tokens[0].tolist()} alone but "
+                                f"{batch_tokens[i].tolist()} in a batch")
+
+
+def check_determinism_and_cleanup(case: Case) -> None:
+    """Property 5: same inputs, same kept indices; no hook survives the run, even after an exception."""
+    model, processor = case.model()
+    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    expected = _logits(model, inputs)  # transformers installs its own output-capturing hooks on first use
+    before = _hook_census(model)
+    kept = []
+    for _ in range(2):
+        with apply(model, case.method, registry=case.registry) as run:
+            _logits(model, inputs)
+            kept.append(run.report.kept_indices)
+    if kept[0] != kept[1]:
+        raise case.fail("determinism_and_cleanup", "the same inputs gave different kept indices in two runs")
+    if _hook_census(model) != before:
+        raise case.fail("determinism_and_cleanup", "hooks or attention configs remain after the with block")
+
+    class _Boom(Exception):
+        pass
+
+    try:
+        with apply(model, case.method, registry=case.registry):
+            raise _Boom
+    except _Boom:
+        pass
+    if _hook_census(model) != before:
+        raise case.fail("determinism_and_cleanup", "hooks remain after an exception inside the with block")
+    with apply(model, case.method.keep_everything(), registry=case.registry):
+        pass
+    if not torch.equal(_logits(model, inputs), expected):
+        raise case.fail("determinism_and_cleanup", "the model computes differently after the run ended")
+
+
+def check_text_only_and_errors(case: Case) -> None:
+    """Property 6: text-only prompts are untouched; impossible budgets fail before any model call."""
+    model, processor = case.model()
+    text = dict(processor(text=["USER: Tell me a story about a fox. ASSISTANT:"], return_tensors="pt"))
+    expected = _logits(model, text)
+    with apply(model, case.method, registry=case.registry):
+        got = _logits(model, text)
+        generated = _generate(model, text)
+    if not torch.equal(got, expected):
+        raise case.fail("text_only_and_errors", "a text-only prompt's logits changed under the run")
+    if not torch.equal(generated, _generate(model, text)):
+        raise case.fail("text_only_and_errors", "a text-only prompt generates differently under the run")
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for bad in ({"keep": 0}, {"keep": 3, "keep_ratio": 0.5}, {"keep_ratio": 1.5}, {"no_such_option_xyz": 1}):
+            try:
+                case.registry.create(case.name, **bad)
+            except (BudgetError, OptionsError):
+                continue
+            raise case.fail("text_only_and_errors", f"options {bad} were accepted")
+        image_tokens = _fixed_tokens(case, model)
+        if image_tokens is not None:
+            too_many = case.registry.create(case.name, keep=image_tokens + 1)
+            try:
+                apply(model, too_many, registry=case.registry)
+            except BudgetError:
+                pass
+            else:
+                raise case.fail("text_only_and_errors", f"keep={image_tokens + 1} > {image_tokens} tokens was accepted")
+    finally:
+        handle.remove()
+    if calls:
+        raise case.fail("text_only_and_errors", "the model was called while validating options")
+
+
+def _fixed_tokens(case: Case, model: nn.Module) -> int | None:
+    return case.registry.adapter_for(model).visual_tokens_per_image()
+
+
+#: Property name -> check function, in the order of DESIGN.md section 6.
+CHECKS: dict[str, Callable[[Case], None]] = {
+    "keep_everything": check_keep_everything,
+    "cache_consistency": check_cache_consistency,
+    "layer_counts": check_layer_counts,
+    "batch_invariance": check_batch_invariance,
+    "determinism_and_cleanup": check_determinism_and_cleanup,
+    "text_only_and_errors": check_text_only_and_errors,
+}
+
+
+def conformance_cases(
+    method: str | Method,
+    families: Sequence[str] | None = None,
+    attn_implementations: Sequence[str] = ("sdpa", "eager"),
+    registry: Registry | None = None,
+) -> list[Case]:
+    """The (family, attention implementation) cases a method is checked on.
+
+    ``families`` defaults to every registered adapter that :func:`tiny_model` can build.
+    """
+    registry = registry or default_registry()
+    if isinstance(method, str):
+        name, instance = method, registry.create(method)
+    else:
+        name, instance = registry.name_of(method), method
+    families = list(families) if families is not None else [f for f in registry.list_adapters() if f in FAMILIES]
+    if not families:
+        raise TokredError("no adapter family to check: none of the registered adapters has a tiny model")
+    return [Case(instance, name, f, impl, registry) for f in families for impl in attn_implementations]
+
+
+def check_method(
+    method: str | Method,
+    families: Sequence[str] | None = None,
+    attn_implementations: Sequence[str] = ("sdpa", "eager"),
+    *,
+    registry: Registry | None = None,
+    checks: Sequence[str] | None = None,
+) -> None:
+    """Run the conformance suite for ``method`` (a registered name or a Method instance).
+
+    Raises :class:`ConformanceError` at the first property that fails, naming it, the family and
+    the attention implementation. A Method instance must be of a registered class, since the suite
+    also creates it by name with impossible options.
+    """
+    selected = list(CHECKS) if checks is None else list(checks)
+    unknown = sorted(set(selected) - set(CHECKS))
+    if unknown:
+        raise OptionsError(f"unknown checks {unknown}; valid: {list(CHECKS)}")
+    for case in conformance_cases(method, families, attn_implementations, registry):
+        for prop in selected:
+            CHECKS[prop](case)
+
