@@ -335,6 +335,8 @@ class Run:
                            prefills=self._report.prefills + 1)
         self._report = report
         self._cache_state = None
+        if not self._frozen:  # decisions of an earlier prefill must never leak into this one
+            self._decisions = _Decisions()
         if not spans:  # text only: nothing to reduce, leave every input as it is
             report.visual_tokens_input = [0] * batch
             report.visual_tokens_per_layer = [[0] * batch for _ in range(self.adapter.num_layers)]
