@@ -97,3 +97,10 @@ def test_method_schedules_follow_options() -> None:
     assert schedule.gates[0].layer == 3 and schedule.gates[0].budget == Budget(keep=32)
     default = tokred.create("random").schedule()
     assert default.selector is not None and default.selector.budget == Budget(keep_ratio=0.25)
+
+
+def test_budget_errors_are_tokred_errors_even_through_pydantic() -> None:
+    with pytest.raises(BudgetError):
+        Budget(keep_ratio=2)
+    with pytest.raises(ScheduleError):
+        GateStage(layer="2/1", gate=LastTokenAttentionGate(), budget=Budget(keep=8))

@@ -2,6 +2,9 @@
 
 Every error a user can trigger derives from :class:`TokredError`, so ``except tokred.TokredError``
 catches them all. Each error is raised before a model call where the problem can be known then.
+:class:`BudgetError` and :class:`ScheduleError` deliberately do not derive from ``ValueError``:
+pydantic wraps ``ValueError`` raised in validators into its own ``ValidationError``, and these must
+reach the user as themselves (``tokred.Budget(keep=0)`` raises ``BudgetError``).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ class OptionsError(TokredError, ValueError):
     """A method, selector or gate was given an unknown or invalid option."""
 
 
-class BudgetError(TokredError, ValueError):
+class BudgetError(TokredError):
     """A token budget is impossible (zero, negative, both ``keep`` and ``keep_ratio``, larger than
     the number of visual tokens, or larger than an earlier stage's budget)."""
 
 
-class ScheduleError(TokredError, ValueError):
+class ScheduleError(TokredError):
     """A schedule does not fit the model (e.g. a gate layer outside the decoder)."""
 
 

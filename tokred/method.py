@@ -47,8 +47,9 @@ class Method(BaseModel):
 
     @classmethod
     def describe(cls) -> str:
-        doc = (cls.__doc__ or "").strip()
-        return cls.summary or (doc.splitlines()[0] if doc else "")
+        """``summary``, or else the first paragraph of the class docstring, on one line."""
+        paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+        return cls.summary or " ".join(paragraph.split())
 
 
 class BudgetOptions(BaseModel):

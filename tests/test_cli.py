@@ -1,0 +1,260 @@
+"""Tests of the ``tokred`` command line, called in-process through :func:`tokred.cli.main`."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+import tokred
+from tokred.cli import build_parser, main
+from tokred.methods import LastTokenAttentionGate, RandomSelector
+from tokred.testing import make_image, tiny_model
+
+PROMPT = "What is shown in this image?"
+
+
+def _installed_registry(*extra_entry_points: importlib.metadata.EntryPoint, plugins: tuple = ()) -> tokred.Registry:
+    """A fresh registry of the installed plugins, plus the given extra entry points and plugins."""
+    installed = list(importlib.metadata.entry_points(group="tokred"))
+    return tokred.Registry(entry_points=[*extra_entry_points, *installed], plugins=plugins)
+
+
+def _section(text: str, title: str) -> list[str]:
+    """The lines of one ``tokred list`` section (its title line excluded)."""
+    lines = text.splitlines()
+    start = lines.index(title) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[start:end]
+
+
+def _row(lines: list[str], name: str) -> str:
+    """The table row whose first column is ``name``."""
+    rows = [line for line in lines if line.split() and line.split()[0] == name]
+    assert len(rows) == 1, f"expected one row for {name!r} in:\n" + "\n".join(lines)
+    return rows[0]
+
+
+# ------------------------------------------------------------------------------------ list
+
+
+def test_list_shows_builtin_methods_with_their_provider_and_the_llava_adapter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["list"], registry=_installed_registry()) == 0
+    out = capsys.readouterr().out
+    methods = _section(out, "methods")
+    for name in ("random", "fastv"):
+        assert "tokred-baselines (tokred)" in _row(methods, name)
+    assert "FastV" in _row(methods, "fastv")
+    assert "LlavaForConditionalGeneration" in _row(_section(out, "adapters"), "llava")
+    assert "alias: fastv" in _row(_section(out, "gates"), "last_token_attention")
+    assert "failed to load" not in out
+
+
+def test_list_json_parses_and_names_distributions_and_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--json"], registry=_installed_registry()) == 0
+    data = json.loads(capsys.readouterr().out)
+    methods = {m["name"]: m for m in data["methods"]}
+    assert methods["random"]["distribution"] == "tokred"
+    assert methods["fastv"]["plugin"] == "tokred-baselines"
+    assert {"keep", "keep_ratio", "layer"} <= set(methods["fastv"]["options"])
+    assert "llava" in [a["name"] for a in data["adapters"]]
+    assert data["plugin_errors"] == []
+
+
+def test_list_pattern_filters_every_section(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--pattern", "fast*"], registry=_installed_registry()) == 0
+    out = capsys.readouterr().out
+    assert _row(_section(out, "methods"), "fastv")
+    assert "random" not in out
+    assert "(none matching 'fast*')" in _section(out, "adapters")[0]
+
+
+def test_list_reports_a_broken_plugin_and_still_lists_the_healthy_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    broken = importlib.metadata.EntryPoint(name="broken", value="tokred_no_such_module_xyz", group="tokred")
+    registry = _installed_registry(broken)
+
+    assert main(["list"], registry=registry) == 0
+    out = capsys.readouterr().out
+    failures = _section(out, "plugins that failed to load")
+    assert len(failures) == 1
+    assert "broken" in failures[0] and "import" in failures[0] and "tokred_no_such_module_xyz" in failures[0]
+    assert _row(_section(out, "methods"), "fastv")
+    assert _row(_section(out, "adapters"), "llava")
+
+    assert main(["list", "--json"], registry=registry) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(e["plugin"], e["hook"]) for e in data["plugin_errors"]] == [("broken", "import")]
+    assert {"fastv", "random"} <= {m["name"] for m in data["methods"]}
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny LLaVA saved to disk (so the real ``from_pretrained`` path runs) and a PNG image."""
+    root = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = tiny_model("llava")
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    make_image().save(root / "image.png")
+    return root / "model", root / "image.png"
+
+
+def _run_args(model: Path | str, image: Path | str, *extra: str) -> list[str]:
+    return ["run", "--model", str(model), "--image", str(image), "--prompt", PROMPT, *extra]
+
+
+def test_run_prints_the_answer_and_a_report_with_the_kept_tokens(
+    saved_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, image = saved_model
+    assert main(_run_args(model, image, "--method", "random", "--keep", "16", "--max-new-tokens", "3")) == 0
+    captured = capsys.readouterr()
+    assert "tokred run: random on llava" in captured.out
+    assert "576 visual tokens in; per layer 16 x8" in captured.out
+    assert "loading" in captured.err and "generating" in captured.err
+
+
+def test_run_json_has_the_answer_and_the_full_report(
+    saved_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, image = saved_model
+    args = _run_args(model, image, "--method", "random", "--keep", "16", "--option", "seed=3",
+                     "--max-new-tokens", "3", "--json")
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert isinstance(data["answer"], str)
+    assert data["options"] == {"keep": 16, "keep_ratio": None, "seed": 3}
+    report = data["report"]
+    assert report["visual_tokens_input"] == [576]
+    assert report["visual_tokens_per_layer"] == [[16]] * 8
+    assert len(report["images"][0]["kept_final"]) == 16
+
+
+def test_run_unknown_option_fails_before_loading_and_names_the_valid_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-model"
+    assert main(_run_args(missing, tmp_path / "no.png", "--method", "random", "--option", "bogus=1")) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("tokred: error:") and "\n" not in err
+    assert "'bogus'" in err
+    assert all(option in err for option in ("keep", "keep_ratio", "seed"))
+    assert "loading" not in err and str(missing) not in err
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "no_such_method"], "unknown method 'no_such_method'; registered: "),
+        (["--method", "random", "--keep", "0"], "keep must be >= 1"),
+        (["--method", "random", "--keep", "8", "--option", "keep=8"], "keep is given both"),
+    ],
+)
+def test_run_rejects_bad_methods_and_budgets_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert main(_run_args(tmp_path / "no-such-model", tmp_path / "no.png", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokred: error:") and message in err
+    assert "loading" not in err
+
+
+def test_run_reports_an_unreadable_image_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_run_args(tmp_path / "no-such-model", tmp_path / "no.png", "--method", "random")) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "no.png" in err and "loading" not in err
+
+
+def test_run_keep_and_keep_ratio_are_mutually_exclusive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _run_args(tmp_path / "m", tmp_path / "i.png", "--method", "random", "--keep", "8", "--keep-ratio", "0.1")
+    assert main(args) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_option_values_are_json_when_they_parse_and_strings_otherwise() -> None:
+    args = build_parser().parse_args(_run_args("m", "i.png", "--method", "x", "--option", "tau=0.1",
+                                               "--option", "objective=k_center", "--option", "layer=7/8",
+                                               "--option", "flag=true", "--option", "text=a=b"))
+    assert args.option == [("tau", 0.1), ("objective", "k_center"), ("layer", "7/8"), ("flag", True), ("text", "a=b")]
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("list", "--pattern"), ("run", "--keep-ratio"), ("demo", "--repeats"),
+])
+def test_every_command_has_help(command: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert expected in out and "examples:" in out
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+def test_demo_lists_every_registered_method_and_the_unreduced_model(capsys: pytest.CaptureFixture[str]) -> None:
+    registry = _installed_registry()
+    assert main(["demo", "--repeats", "1"], registry=registry) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    rows = lines[header + 2:]
+    unreduced = _row(rows, "unreduced").split()
+    assert unreduced[2:6] == ["576", "576", "576", "576.0"] and unreduced[6] == "1.00x"
+    random_row = _row(rows, "random").split()
+    assert random_row[1] == "keep_ratio=0.1" and random_row[2:6] == ["576", "58", "58", "58.0"]
+    for name in registry.list_methods():
+        assert _row(rows, name)
+    assert "meaningless" in captured.out
+    assert "[1/" in captured.err and "repeat 1/1" in captured.err
+
+
+class _DemoPlugin:
+    """In-process plugin with one method that has no keep_ratio and one that fails on the model."""
+
+    class FixedKeep(tokred.Method):
+        """Keeps a fixed number of random tokens (takes no keep_ratio)."""
+
+        keep: int = Field(32, description="Visual tokens to keep per image.")
+
+        def schedule(self) -> tokred.Schedule:
+            stage = tokred.SelectorStage(selector=RandomSelector(), budget=tokred.Budget(keep=self.keep))
+            return tokred.Schedule(selector=stage)
+
+    class BeyondTheModel(tokred.BudgetOptions, tokred.Method):
+        """Gates at a layer the tiny model does not have."""
+
+        def schedule(self) -> tokred.Schedule:
+            stage = tokred.GateStage(layer=100, gate=LastTokenAttentionGate(), budget=self.budget)
+            return tokred.Schedule(gates=(stage,))
+
+    @tokred.hookimpl
+    def tokred_register_methods(self, register) -> None:  # type: ignore[no-untyped-def]
+        register("fixed_keep", self.FixedKeep)
+        register("beyond", self.BeyondTheModel)
+
+
+def test_demo_uses_defaults_for_methods_without_keep_ratio_and_reports_failures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = _installed_registry(plugins=(_DemoPlugin(),))
+    assert main(["demo", "--repeats", "1", "--methods", "[bfr]*", "--json"], registry=registry) == 1
+    rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert {"unreduced", "beyond", "fixed_keep", "fastv", "random"} <= set(rows)
+    assert rows["unreduced"]["prefill_time_ratio"] == 1.0
+    assert rows["fixed_keep"]["budget"] == "defaults (rejects keep_ratio)"
+    assert rows["fixed_keep"]["entering_llm"] == 32 and rows["fixed_keep"]["error"] is None
+    assert rows["random"]["entering_llm"] == 58 and isinstance(rows["random"]["generated_text"], str)
+    assert "ScheduleError" in rows["beyond"]["error"] and rows["beyond"]["prefill_time_ratio"] is None
+
+
+def test_demo_rejects_a_pattern_matching_no_method(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--methods", "zz*"], registry=_installed_registry()) == 2
+    assert "no registered method matches 'zz*'; registered: " in capsys.readouterr().err

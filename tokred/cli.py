@@ -1,0 +1,557 @@
+"""The ``tokred`` command line: ``tokred list``, ``tokred run`` and ``tokred demo``.
+
+* ``list`` shows every registered method, adapter, selector and gate with the plugin and
+  distribution that provided it, and the plugins that failed to load.
+* ``run`` answers one prompt about one or more images with a reduced model and prints the answer
+  and the run report.
+* ``demo`` needs no download: it builds a tiny random-weight model and compares every registered
+  method with the unreduced model (visual tokens per layer, relative prefill time, a few generated
+  tokens).
+
+:func:`main` returns an exit status instead of exiting, so it can be called in-process; every
+function takes the :class:`~tokred.Registry` to use, so tests and embedding code can pass their own.
+Errors a user can cause print one ``tokred: error: ...`` line on stderr and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import inspect
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Collection, Sequence, TextIO
+
+import torch
+import transformers
+from PIL import Image, UnidentifiedImageError
+
+from . import __version__
+from .errors import OptionsError, TokredError
+from .method import Method
+from .registry import Entry, Kind, Registry, default_registry
+from .runtime import RunReport, apply
+from .testing import FAMILIES, make_image, tiny_model
+
+__all__ = ["main", "build_parser", "CommandError"]
+
+_DEMO_PROMPT = "What is shown in this image?"
+_DEMO_NEW_TOKENS = 8
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# (section title, registry kind, how to describe one entry in a line)
+_SECTIONS: tuple[tuple[str, Kind, Callable[[Entry], str]], ...] = (
+    ("methods", "method", lambda e: e.obj.describe()),  # type: ignore[attr-defined]
+    ("adapters", "adapter", lambda e: ", ".join(e.obj.model_classes)),  # type: ignore[attr-defined]
+    ("selectors", "selector", lambda e: _doc_summary(e.obj)),
+    ("gates", "gate", lambda e: _doc_summary(e.obj)),
+)
+
+
+class CommandError(Exception):
+    """A problem with the command's inputs that is not a tokred library error (an unreadable image,
+    a model that cannot be loaded, a device that is not there); reported like a :class:`TokredError`."""
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None, *, registry: Registry | None = None) -> int:
+    """Run the ``tokred`` command line and return its exit status.
+
+    Args:
+        argv: the arguments after the program name; default: ``sys.argv[1:]``.
+        registry: the registry to list and create methods from; default:
+            :func:`tokred.default_registry` (the installed plugins).
+
+    Returns:
+        0 on success; 2 for usage errors and for errors the user can fix (unknown method or option,
+        impossible budget, unreadable input); 1 when ``demo`` had a method fail.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and usage errors: an in-process caller gets a status, not an exit
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    try:
+        return args.handler(args, registry if registry is not None else default_registry())
+    except (TokredError, CommandError) as exc:
+        print(f"tokred: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokred: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader left early (`tokred list --json | head`); send the rest of stdout, including
+        # the interpreter's final flush, to devnull instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tokred`` command and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="tokred",
+        description="Training-free visual-token reduction for vision-language models on transformers.",
+        epilog="Run 'tokred COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokred {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_list(commands)
+    _add_run(commands)
+    _add_demo(commands)
+    return parser
+
+
+def _subparser(commands: Any, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=help, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# ---------------------------------------------------------------------------- list
+
+
+def _add_list(commands: Any) -> None:
+    p = _subparser(
+        commands, "list", help="list registered methods, adapters, selectors and gates",
+        description=(
+            "List what the installed plugins registered: methods (what 'tokred run --method' takes),\n"
+            "adapters (the supported model families), and the selectors (stage I) and gates\n"
+            "(stage II) that methods are built from. Each row names the plugin and the distribution\n"
+            "that provided it. Plugins that failed to load are listed at the end; the others still work."
+        ),
+        epilog="examples:\n  tokred list\n  tokred list --pattern 'fast*'\n  tokred list --json",
+    )
+    p.add_argument("--pattern", default="*", metavar="GLOB",
+                   help="show only names matching this fnmatch pattern (default: all)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.set_defaults(handler=_cmd_list)
+
+
+def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
+    sections = {
+        title: [_entry_record(e, describe) for e in registry.entries(kind)
+                if fnmatch.fnmatchcase(e.name, args.pattern)]
+        for title, kind, describe in _SECTIONS
+    }
+    failures = registry.errors
+    if args.json:
+        data: dict[str, Any] = dict(sections)
+        data["plugin_errors"] = [
+            {"plugin": f.plugin, "distribution": f.distribution, "hook": f.hook,
+             "error": f"{type(f.error).__name__}: {f.error}", "message": str(f)}
+            for f in failures
+        ]
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    blocks = []
+    for title, records in sections.items():
+        if records:
+            rows = [[_name_with_aliases(r), _provider(r), r["description"]] for r in records]
+            body = _indent(_table(["name", "provided by", "description"], rows))
+        else:
+            body = "  (none" + (f" matching {args.pattern!r})" if args.pattern != "*" else ")")
+        blocks.append(f"{title}\n{body}")
+    if failures:
+        blocks.append("plugins that failed to load\n" + "\n".join(f"  {f}" for f in failures))
+    print("\n\n".join(blocks))
+    return 0
+
+
+def _entry_record(entry: Entry, describe: Callable[[Entry], str]) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "name": entry.name, "aliases": list(entry.aliases), "plugin": entry.plugin,
+        "distribution": entry.distribution, "description": describe(entry),
+    }
+    fields = getattr(entry.obj, "model_fields", None)
+    if fields is not None:  # options are what 'tokred run --option' accepts; adapters have none
+        record["options"] = {
+            n: {"required": f.is_required(), "default": None if f.is_required() else f.default,
+                "description": f.description}
+            for n, f in fields.items()
+        }
+    return record
+
+
+def _name_with_aliases(record: dict[str, Any]) -> str:
+    aliases = record["aliases"]
+    return record["name"] + (f" (alias: {', '.join(aliases)})" if aliases else "")
+
+
+def _provider(record: dict[str, Any]) -> str:
+    # Plugins passed in-process (Registry(plugins=...)) have no distribution.
+    dist = record["distribution"]
+    return f"{record['plugin']} ({dist})" if dist else f"{record['plugin']} (in-process)"
+
+
+def _doc_summary(obj: type) -> str:
+    """The first paragraph of the class docstring on one line: summaries often wrap over lines."""
+    return " ".join(inspect.cleandoc(obj.__doc__ or "").split("\n\n")[0].split())
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _add_run(commands: Any) -> None:
+    p = _subparser(
+        commands, "run", help="answer a prompt about images with a reduced model",
+        description=(
+            "Load a vision-language model with transformers (AutoProcessor and\n"
+            "AutoModelForImageTextToText), apply a tokred method, answer one prompt about the given\n"
+            "images with greedy decoding, and print the answer and the run report (visual tokens\n"
+            "per decoder layer, time spent selecting). Method options are checked before the model\n"
+            "is loaded. Budgets are per image: --keep 64 on two images keeps 64 of each."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tokred run --model llava-hf/llava-1.5-7b-hf --method fastv --keep-ratio 0.25 \\\n"
+            "      --image cat.png --prompt 'What is the cat doing?'\n"
+            "  tokred run --model ./my-model --method random --keep 64 --option seed=3 \\\n"
+            "      --image a.png --image b.png --prompt 'Compare the two pictures.' --json\n\n"
+            "'tokred list' shows the methods; 'tokred list --json' also shows their options."
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID",
+                   help="a local directory or a Hugging Face Hub id, passed to from_pretrained")
+    p.add_argument("--method", required=True, metavar="NAME", help="a registered method (see 'tokred list')")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, metavar="K", help="visual tokens to keep per image")
+    budget.add_argument("--keep-ratio", type=float, metavar="R",
+                        help="fraction of each image's visual tokens to keep, in (0, 1]")
+    p.add_argument("--option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
+                   help="a method option; the value is read as JSON when it parses (tau=0.1, layer=2, "
+                        "flag=true), otherwise as a string (objective=k_center, layer=7/8). Repeatable.")
+    p.add_argument("--image", action="append", required=True, type=Path, metavar="FILE",
+                   help="an image file; repeat for several images (placed before the prompt, in order)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N",
+                   help="maximum number of tokens to generate (default: 32)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto",
+                   help="weights dtype (default: auto, the checkpoint's own)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                   help="where to run (default: auto, cuda when available)")
+    p.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa",
+                   help="transformers attention implementation (default: sdpa)")
+    p.add_argument("--json", action="store_true", help="print a JSON object with the answer and the full report")
+    p.set_defaults(handler=_cmd_run)
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """``"tau=0.1"`` -> ``("tau", 0.1)``; values that are not JSON stay strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, value in args.option:
+        if key in options:
+            raise CommandError(f"option {key!r} is given twice")
+        options[key] = value
+    for key, value in (("keep", args.keep), ("keep_ratio", args.keep_ratio)):
+        if value is not None:
+            if key in options:
+                raise CommandError(f"{key} is given both as --{key.replace('_', '-')} and as --option {key}=...")
+            options[key] = value
+    return options
+
+
+def _cmd_run(args: argparse.Namespace, registry: Registry) -> int:
+    # Everything checkable without the model comes first, so a typo does not cost a model load.
+    method = registry.create(args.method, **_method_options(args))
+    images = [_open_image(path) for path in args.image]
+    device = _resolve_device(args.device)
+    dtype: Any = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    _note(f"loading {args.model} (dtype {args.dtype}, attention {args.attn_implementation}, device {device}) ...")
+    started = time.perf_counter()
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(args.model)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            args.model, dtype=dtype, attn_implementation=args.attn_implementation
+        )
+    except OSError as exc:  # transformers' way of saying "not found / not a model directory"
+        raise CommandError(f"could not load {args.model!r}: {exc}") from None
+    model = model.to(device).eval()
+    _note(f"loaded {type(model).__name__} in {time.perf_counter() - started:.1f} s")
+
+    prompt = _chat_prompt(processor, len(images), args.prompt)
+    inputs = processor(images=images, text=prompt, return_tensors="pt").to(device=device, dtype=model.dtype)
+    prompt_length = inputs["input_ids"].shape[1]
+
+    _note(f"generating up to {args.max_new_tokens} new tokens with {args.method} ...")
+    started = time.perf_counter()
+    with apply(model, method, registry=registry) as run:
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    _note(f"generated {output.shape[1] - prompt_length} tokens in {time.perf_counter() - started:.1f} s")
+
+    answer = processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0].strip()
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "method": args.method, "options": method.model_dump(mode="json"),
+            "prompt": args.prompt, "images": [str(p) for p in args.image], "answer": answer,
+            "report": run.report.to_dict(),
+        }, indent=2))
+    else:
+        print(f"{answer}\n\n{run.report.summary()}")
+    return 0
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise CommandError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda was requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _chat_prompt(processor: Any, num_images: int, text: str) -> str:
+    """The user turn (images first, then the text) rendered by the processor's own chat template."""
+    content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": text})
+    try:
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    except ValueError as exc:  # typically: the processor ships no chat template
+        raise CommandError(f"cannot build the prompt with the processor's chat template: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def _add_demo(commands: Any) -> None:
+    p = _subparser(
+        commands, "demo", help="compare every method on a tiny offline model (no download)",
+        description=(
+            "Build a tiny random-weight model of a supported family (nothing is downloaded) and\n"
+            "compare the unreduced model with every registered method matching --methods, each\n"
+            "created with keep_ratio=--keep-ratio (a method that rejects keep_ratio runs with its\n"
+            "defaults, and the table says so). For each: visual tokens in, entering the language\n"
+            "model, at its last layer, the layer-averaged equivalent, the median prefill time\n"
+            "relative to the unreduced model (runs interleaved so machine noise hits all alike),\n"
+            "and the first tokens of a greedy generation. The weights are random, so the text is\n"
+            "meaningless; timings on a tiny model only indicate the overhead."
+        ),
+        epilog=(
+            "examples:\n  tokred demo\n  tokred demo --methods 'fast*' --keep-ratio 0.25 --repeats 9\n"
+            "  tokred demo --json"
+        ),
+    )
+    p.add_argument("--family", choices=FAMILIES, default="llava", help="tiny model family (default: llava)")
+    p.add_argument("--keep-ratio", type=float, default=0.1, metavar="R",
+                   help="per-image budget every method is created with (default: 0.1)")
+    p.add_argument("--methods", default="*", metavar="GLOB", help="methods to compare, fnmatch pattern (default: all)")
+    p.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
+                   help="timed prefills per method; the table shows medians (default: 5)")
+    p.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa",
+                   help="transformers attention implementation (default: sdpa)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@dataclass
+class _Contender:
+    """One row of the demo: the unreduced model (``method is None``) or a registered method."""
+
+    name: str
+    method: Method | None
+    budget: str
+    visual_in: int | None = None
+    layer0: int | None = None
+    last_layer: int | None = None
+    equivalent: float | None = None
+    text: str | None = None
+    error: str | None = None
+    seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "method": self.name, "budget": self.budget, "visual_tokens_in": self.visual_in,
+            "entering_llm": self.layer0, "last_layer": self.last_layer,
+            "equivalent_visual_tokens": self.equivalent,
+            "prefill_time_ratio": statistics.median(self.ratios) if self.ratios else None,
+            "generated_text": self.text, "error": self.error,
+        }
+
+
+def _cmd_demo(args: argparse.Namespace, registry: Registry) -> int:
+    names = registry.list_methods(args.methods)
+    if not names:
+        raise CommandError(
+            f"no registered method matches {args.methods!r}; registered: {', '.join(registry.list_methods()) or 'none'}"
+        )
+    model, processor = tiny_model(args.family, attn_implementation=args.attn_implementation)
+    inputs = processor(images=[make_image()], text=_chat_prompt(processor, 1, _DEMO_PROMPT), return_tensors="pt")
+    num_visual = int((inputs["input_ids"] == registry.adapter_for(model).image_token_id()).sum())
+
+    contenders = [_Contender("unreduced", None, "all", num_visual, num_visual, num_visual, float(num_visual))]
+    contenders += [_create_contender(registry, name, args.keep_ratio) for name in names]
+    progress = _Progress(len(contenders) * (1 + args.repeats), sys.stderr)
+
+    # The generation doubles as warm-up, so the first timed prefill is not an outlier.
+    for c in contenders:
+        progress.step(f"{c.name} generate")
+        if c.error is None:
+            _generate(model, processor, inputs, c, registry)
+    timed = [c for c in contenders if c.error is None]
+    for repeat in range(1, args.repeats + 1):  # interleaved: drift over time hits every row alike
+        for c in timed:
+            progress.step(f"{c.name} repeat {repeat}/{args.repeats}")
+            c.seconds.append(_time_prefill(model, inputs, c.method, registry))
+        for c in timed:
+            c.ratios.append(c.seconds[-1] / contenders[0].seconds[-1])
+    progress.close()
+
+    note = ("The weights are random, so the generated text is meaningless; timings on a tiny model only "
+            "indicate the overhead, not the speed-up on a full-size model.")
+    if args.json:
+        print(json.dumps({
+            "family": args.family, "keep_ratio": args.keep_ratio, "repeats": args.repeats,
+            "num_layers": model.config.get_text_config().num_hidden_layers, "note": note,
+            "rows": [c.row() for c in contenders],
+        }, indent=2))
+    else:
+        print(f"tiny random-weight {args.family} model, {model.config.get_text_config().num_hidden_layers} "
+              f"decoder layers, {num_visual} visual tokens; keep_ratio={args.keep_ratio:g}; prefill time is the "
+              f"median over {args.repeats} interleaved repeat(s) of the ratio to the unreduced model\n")
+        print(_table(
+            ["method", "budget", "visual tokens in", "entering the LLM (layer 0)", "at the last layer",
+             "equivalent tokens", "prefill time", f"first {_DEMO_NEW_TOKENS} generated tokens"],
+            [_demo_cells(c) for c in contenders],
+            right={2, 3, 4, 5, 6},
+        ))
+        print(f"\n{note}")
+    return 1 if any(c.error for c in contenders) else 0
+
+
+def _create_contender(registry: Registry, name: str, keep_ratio: float) -> _Contender:
+    try:
+        return _Contender(name, registry.create(name, keep_ratio=keep_ratio), f"keep_ratio={keep_ratio:g}")
+    except OptionsError:
+        pass  # the method has no keep_ratio (or rejects it): show it with its own defaults
+    try:
+        return _Contender(name, registry.create(name), "defaults (rejects keep_ratio)")
+    except TokredError as exc:
+        return _Contender(name, None, "-", error=str(exc))
+
+
+def _generate(model: Any, processor: Any, inputs: Any, c: _Contender, registry: Registry) -> None:
+    """Greedy-generate a few tokens for ``c``, filling its text and token counts (or its error)."""
+    with torch.no_grad():
+        if c.method is None:
+            output = model.generate(**inputs, max_new_tokens=_DEMO_NEW_TOKENS, do_sample=False)
+        else:
+            try:
+                with apply(model, c.method, registry=registry) as run:
+                    output = model.generate(**inputs, max_new_tokens=_DEMO_NEW_TOKENS, do_sample=False)
+            except Exception as exc:  # one broken plugin must not hide the results of the others
+                c.error = f"{type(exc).__name__}: {exc}"
+                return
+            _fill_counts(c, run.report)
+    c.text = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+
+def _fill_counts(c: _Contender, report: RunReport) -> None:
+    c.visual_in = report.visual_tokens_input[0]
+    c.layer0 = report.visual_tokens_per_layer[0][0]
+    c.last_layer = report.visual_tokens_per_layer[-1][0]
+    c.equivalent = report.equivalent_visual_tokens[0]
+
+
+def _time_prefill(model: Any, inputs: Any, method: Method | None, registry: Registry) -> float:
+    """Seconds of one plain forward pass over the prompt; installing the hooks is not timed."""
+    with torch.no_grad():
+        if method is None:
+            started = time.perf_counter()
+            model(**inputs)
+            return time.perf_counter() - started
+        with apply(model, method, registry=registry):
+            started = time.perf_counter()
+            model(**inputs)
+            return time.perf_counter() - started
+
+
+def _demo_cells(c: _Contender) -> list[str]:
+    if c.error is not None:
+        return [c.name, c.budget, "", "", "", "", "", f"failed: {' '.join(c.error.split())}"]
+    ratio = statistics.median(c.ratios)
+    return [c.name, c.budget, str(c.visual_in), str(c.layer0), str(c.last_layer), f"{c.equivalent:.1f}",
+            f"{ratio:.2f}x", repr(c.text)]
+
+
+class _Progress:
+    """``[3/15] fastv repeat 2/5`` on stderr; one line rewritten in place on a terminal."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total = total
+        self.done = 0
+        self.stream = stream
+        self.inplace = stream.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        text = f"[{self.done}/{self.total}] {label}"
+        self.stream.write(f"\r\x1b[K{text}" if self.inplace else f"{text}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.inplace:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _note(message: str) -> None:
+    """Progress of a long step, on stderr so stdout stays the result."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _table(headers: list[str], rows: list[list[str]], right: Collection[int] = ()) -> str:
+    """A plain-text table: columns separated by two spaces, ``right`` columns right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        parts = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
