@@ -10,7 +10,7 @@ this; they get tensors (:class:`~tokred.tokens.VisualTokens`, :class:`~tokred.to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -110,8 +110,11 @@ class Adapter:
         ``"cls_attention"``); return the callables that remove them. Default: nothing available."""
         return []
 
-    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes) -> list[ImageSpan]:
-        """Every image's tokens in ``input_ids`` (``[B, L]``), in the order the encoder saw them."""
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        """Every image's tokens in ``input_ids`` (``[B, L]``), in the order the encoder saw them.
+
+        ``inputs`` are the keyword arguments of the multimodal model's forward (``pixel_values``,
+        ``image_sizes``, ``image_grid_thw``, ...), for layouts that depend on the image."""
         raise NotImplementedError
 
     def full_position_ids(self, position_ids: torch.Tensor | None, input_ids: torch.Tensor,

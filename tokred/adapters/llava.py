@@ -7,7 +7,7 @@ expanded the ``<image>`` token, in row-major patch order.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ class LlavaAdapter(Adapter):
     def visual_tokens_per_image(self) -> int:
         return self._grid_side() ** 2 + int(self._keeps_cls())
 
-    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes) -> list[ImageSpan]:
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         side = self._grid_side()
         layout = ImageLayout.grid(side, side, leading_extra=int(self._keeps_cls()))
         spans: list[ImageSpan] = []

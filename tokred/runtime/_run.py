@@ -172,6 +172,7 @@ class Run:
         self._probes = VisionProbes()
         self._mode: str = "idle"
         self._input_ids: torch.Tensor | None = None
+        self._multimodal_inputs: dict[str, Any] = {}
         self._prefill: _Prefill | None = None
         self._cache_state: _CacheState | None = None
         self._frozen = False
@@ -279,6 +280,7 @@ class Run:
             self._probes.clear()
             self._check_cache(cache)
             self._input_ids = input_ids
+            self._multimodal_inputs = kwargs
             return
         state = self._cache_state
         if state is None or state.cache() is not cache:
@@ -320,6 +322,7 @@ class Run:
         if self._mode in ("prefill", "passthrough") and self._cache_state is not None and cache is not None:
             self._cache_state.cache = weakref.ref(cache)
         self._prefill = None
+        self._multimodal_inputs = {}
         self._mode = "idle"
 
     def _prefill_inputs(self, args: tuple, kwargs: dict, embeds: torch.Tensor,
@@ -330,7 +333,7 @@ class Run:
         device = embeds.device
         mask2d = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
         real = mask2d.bool()
-        spans = self.adapter.image_spans(input_ids, self._probes)
+        spans = self.adapter.image_spans(input_ids, self._probes, self._multimodal_inputs)
         report = RunReport(self.adapter.family, self.method_name, self.adapter.num_layers,
                            prefills=self._report.prefills + 1)
         self._report = report
