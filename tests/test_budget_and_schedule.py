@@ -104,3 +104,11 @@ def test_budget_errors_are_tokred_errors_even_through_pydantic() -> None:
         Budget(keep_ratio=2)
     with pytest.raises(ScheduleError):
         GateStage(layer="2/1", gate=LastTokenAttentionGate(), budget=Budget(keep=8))
+
+
+def test_derived_budgets_may_cap_at_all_tokens_and_round_trip() -> None:
+    capped = Budget(keep=1000, at_most_all=True)
+    assert capped.tokens_for(576) == 576 and capped.tokens_for(2000) == 1000
+    schedule = Schedule(selector=SelectorStage(selector=RandomSelector(), budget=capped))
+    assert schedule.to_dict()["selector"]["budget"] == {"keep": 1000, "at_most_all": True}
+    assert Schedule.from_dict(schedule.to_dict()) == schedule

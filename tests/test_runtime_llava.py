@@ -156,6 +156,41 @@ def test_vision_cls_attention_matches_clip_eager_attentions() -> None:
     assert captured[0].layout.grids == ((24, 24),)
 
 
+def test_vision_probes_reach_the_selector_under_generate(llava_sdpa) -> None:
+    """generate() runs the vision tower before the model's forward (mm_encoder_outputs)."""
+    model, processor = llava_sdpa
+    inputs = tiny_inputs(processor, [PROMPT, LONG_PROMPT])
+    captured = []
+
+    class Probe(RandomSelector):
+        inputs = frozenset({"cls_attention", "pre_projector"})
+
+        def select(self, tokens, k):  # type: ignore[no-untyped-def]
+            captured.append((tokens.cls_attention, tokens.pre_projector))
+            return super().select(tokens, k)
+
+    with tokred.apply(model, Schedule(selector=SelectorStage(selector=Probe(), budget=Budget(keep=8)))):
+        generate(model, inputs)
+        plain = len(captured)
+        logits(model, inputs)
+    assert plain == 2 and len(captured) == 4
+    for (cls_generate, pre_generate), (cls_plain, pre_plain) in zip(captured[:2], captured[2:]):
+        assert cls_generate is not None and pre_generate is not None
+        torch.testing.assert_close(cls_generate, cls_plain)
+        torch.testing.assert_close(pre_generate, pre_plain)
+    assert not torch.equal(captured[0][0], captured[1][0]), "each image must get its own [CLS] attention"
+
+
+def test_later_gate_budget_above_the_selector_is_refused_at_apply(llava_sdpa) -> None:
+    model, _ = llava_sdpa
+    schedule = Schedule(
+        selector=SelectorStage(selector=RandomSelector(), budget=Budget(keep_ratio=0.1)),
+        gates=(GateStage(layer=2, gate=LastTokenAttentionGate(), budget=Budget(keep=64)),),
+    )
+    with pytest.raises(tokred.BudgetError, match="only 58 survive"):
+        tokred.apply(model, schedule)
+
+
 @pytest.mark.parametrize("kind", sorted(SCHEDULES))
 def test_padded_batch_gives_the_same_tokens_as_each_prompt_alone(llava, kind: str) -> None:
     model, processor = llava

@@ -9,6 +9,8 @@ Rules (documented in the user guide and tested):
 * ``keep > N`` is an error (:class:`~tokred.errors.BudgetError`), never a silent clamp. It is raised
   by :func:`tokred.apply` when the model's token count per image is fixed by its config, otherwise
   when the image is seen, before the language model runs. ``keep == N`` keeps everything.
+  A method may build a *derived* budget with ``at_most_all=True`` (STAR's "twice the final
+  budget"), which keeps all ``N`` tokens when ``keep > N``; what a user types never clamps.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class Budget(BaseModel):
     keep_ratio: float | None = Field(
         None, description="Fraction of each image's visual tokens to keep, in (0, 1]; rounds half up, at least 1."
     )
+    at_most_all: bool = Field(
+        False,
+        description="keep larger than an image's token count keeps all of them instead of raising; for derived "
+        "budgets such as 'twice the final budget', never for what a user typed.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Budget:
@@ -47,6 +54,8 @@ class Budget(BaseModel):
     def tokens_for(self, num_tokens: int, *, what: str = "image") -> int:
         """The number of tokens to keep out of ``num_tokens``; raises :class:`BudgetError` if impossible."""
         if self.keep is not None:
+            if self.keep > num_tokens and self.at_most_all:
+                return num_tokens
             if self.keep > num_tokens:
                 raise BudgetError(
                     f"keep={self.keep} is larger than the {num_tokens} visual tokens of this {what}; "
@@ -57,4 +66,6 @@ class Budget(BaseModel):
         return max(1, min(num_tokens, math.floor(self.keep_ratio * num_tokens + 0.5)))
 
     def describe(self) -> str:
-        return f"keep={self.keep}" if self.keep is not None else f"keep_ratio={self.keep_ratio:g}"
+        if self.keep_ratio is not None:
+            return f"keep_ratio={self.keep_ratio:g}"
+        return f"keep={self.keep}" + (" (at most all)" if self.at_most_all else "")

@@ -132,7 +132,7 @@ class Schedule(BaseModel):
             return {"name": registry.name_of(obj), "options": obj.model_dump(mode="json")}
 
         def budget(b: Budget | None) -> dict[str, Any] | None:
-            return None if b is None else b.model_dump(exclude_none=True)
+            return None if b is None else b.model_dump(exclude_defaults=True)
 
         return {
             "selector": None

@@ -105,6 +105,11 @@ class Adapter:
 
     # ---------------------------------------------------------------- prefill
 
+    def available_inputs(self) -> frozenset[str]:
+        """The optional selector inputs this model can provide (``"cls_attention"``,
+        ``"pre_projector"``). Selectors asking for others get ``None`` and must fall back."""
+        return frozenset()
+
     def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
         """Install hooks that fill ``probes`` with what ``wanted`` names (``"pre_projector"``,
         ``"cls_attention"``); return the callables that remove them. Default: nothing available."""

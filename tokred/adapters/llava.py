@@ -74,6 +74,10 @@ class LlavaAdapter(Adapter):
         tower = self.multimodal_model().vision_tower
         return "CLIP" in type(tower).__name__
 
+    def available_inputs(self) -> frozenset[str]:
+        cls = self.has_cls_token() and self._feature_layer_index() is not None
+        return frozenset({"pre_projector", "cls_attention"} if cls else {"pre_projector"})
+
     def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
         removers: list[Callable[[], None]] = []
         mm = self.multimodal_model()
@@ -83,7 +87,7 @@ class LlavaAdapter(Adapter):
 
             removers.append(mm.multi_modal_projector.register_forward_pre_hook(on_projector).remove)
         layer_index = self._feature_layer_index()
-        if "cls_attention" in wanted and self.has_cls_token() and layer_index is not None:
+        if "cls_attention" in wanted and "cls_attention" in self.available_inputs():
             keeps_cls = self._keeps_cls()
 
             def on_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -93,6 +97,6 @@ class LlavaAdapter(Adapter):
                 probes.cls_attention.extend((cls_to_tokens if keeps_cls else cls_to_tokens[:, 1:]).unbind(0))
 
             layers = self._vision_layers()
-            assert layers is not None
+            assert layers is not None and layer_index is not None
             removers.append(observe_attention(layers[layer_index].self_attn, on_attention))
         return removers

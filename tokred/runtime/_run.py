@@ -233,6 +233,7 @@ class Run:
         if _active_runs.get(self.model) is self:
             del _active_runs[self.model]
         self._prefill = None
+        self._probes.clear()
         self._mode = "idle"
 
     # ------------------------------------------------------------- validation
@@ -247,9 +248,14 @@ class Run:
         if self.schedule.selector is not None:
             stages.append(("selector", self.schedule.selector.budget))
         stages += [(f"gate at layer {layer}", g.budget) for layer, g in zip(self.gate_layers, self.schedule.gates)]
+        alive = fixed
         for what, budget in stages:
-            if budget is not None:
-                budget.tokens_for(fixed, what=f"image ({what}; this model has {fixed} visual tokens per image)")
+            if budget is None:
+                continue
+            k = budget.tokens_for(fixed, what=f"image ({what}; this model has {fixed} visual tokens per image)")
+            if k > alive:
+                raise BudgetError(f"the {what} keeps {k} visual tokens per image but only {alive} survive the stage before")
+            alive = k
 
     # ----------------------------------------------------------------- install
 
@@ -277,7 +283,10 @@ class Run:
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._mode = "prefill"
-            self._probes.clear()
+            if kwargs.get("pixel_values") is not None:
+                # The vision tower runs inside this call. generate() instead runs it before the
+                # call and passes mm_encoder_outputs: what the probes captured then must stay.
+                self._probes.clear()
             self._check_cache(cache)
             self._input_ids = input_ids
             self._multimodal_inputs = kwargs
@@ -323,6 +332,7 @@ class Run:
             self._cache_state.cache = weakref.ref(cache)
         self._prefill = None
         self._multimodal_inputs = {}
+        self._probes.clear()  # consumed by this prefill; never let them reach a later one
         self._mode = "idle"
 
     def _prefill_inputs(self, args: tuple, kwargs: dict, embeds: torch.Tensor,
@@ -431,8 +441,8 @@ class Run:
         tokens = VisualTokens(
             features=embeds[span.sample, span.positions.to(embeds.device)],
             layout=span.layout,
-            pre_projector=_probe(self._probes.pre_projector, span.encoder_index),
-            cls_attention=_probe(self._probes.cls_attention, span.encoder_index),
+            pre_projector=self._probe("pre_projector", span.encoder_index),
+            cls_attention=self._probe("cls_attention", span.encoder_index),
             sample_index=span.sample,
             image_index=span.image,
         )
@@ -440,6 +450,19 @@ class Run:
         selection = _check_selection(stage.selector, stage.selector.select(tokens, k), n, k, embeds.shape[-1])
         self._decisions.stage1[key] = selection
         return selection
+
+    def _probe(self, name: str, encoder_index: int) -> torch.Tensor | None:
+        """What the vision probes captured for one image, or None where the model cannot provide
+        it. Missing data the adapter promised is a bug, never a silent fallback."""
+        if name not in self.schedule.selector.selector.inputs or name not in self.adapter.available_inputs():  # type: ignore[union-attr]
+            return None
+        values: list[torch.Tensor] = getattr(self._probes, name)
+        if encoder_index >= len(values):
+            raise RuntimeStateError(
+                f"the {self.adapter.family} adapter promised {name} but captured {len(values)} values for image "
+                f"{encoder_index}; was the vision tower called outside the model's forward?"
+            )
+        return values[encoder_index]
 
     # ------------------------------------------------------------ decode steps
 
@@ -643,10 +666,6 @@ def _next_position(full_positions: torch.Tensor, real: torch.Tensor) -> torch.Te
     where the unmodified model's next token goes."""
     flat = full_positions.reshape(-1, *full_positions.shape[-2:]).amax(dim=0).cpu()   # [B, L]
     return flat.masked_fill(~real.cpu(), -1).amax(dim=1) + 1
-
-
-def _probe(values: list[torch.Tensor], index: int) -> torch.Tensor | None:
-    return values[index] if index < len(values) else None
 
 
 def _attention_slice(stash: tuple[torch.Tensor, torch.Tensor, float], sample: int, query_local: torch.Tensor,
