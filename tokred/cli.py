@@ -1,4 +1,4 @@
-"""The ``tokred`` command line: ``tokred list``, ``tokred run`` and ``tokred demo``.
+"""The ``tokred`` command line: ``tokred list``, ``run``, ``demo``, ``bench`` and ``show``.
 
 * ``list`` shows every registered method, adapter, selector and gate with the plugin and
   distribution that provided it, and the plugins that failed to load.
@@ -7,6 +7,10 @@
 * ``demo`` needs no download: it builds a tiny random-weight model and compares every registered
   method with the unreduced model (visual tokens per layer, relative prefill time, a few generated
   tokens).
+* ``bench`` measures methods and budgets on a model or a random-weight size preset: speed-up over
+  the unreduced model and overhead over the ideal, FLOPs, KV-cache bytes, peak memory
+  (:mod:`tokred.bench`); ``bench --scaling`` times Selectors alone against ``N`` and ``k``.
+* ``show`` draws the image with the visual tokens a method kept (:mod:`tokred.show`).
 
 :func:`main` returns an exit status instead of exiting, so it can be called in-process; every
 function takes the :class:`~tokred.Registry` to use, so tests and embedding code can pass their own.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import inspect
 import json
 import os
@@ -32,10 +37,22 @@ import transformers
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__
+from .bench import (
+    PRESETS,
+    Bench,
+    Contender,
+    build_preset,
+    format_markdown,
+    format_table,
+    machine_info,
+    plot_speedups,
+    selector_scaling,
+)
 from .errors import OptionsError, TokredError
 from .method import Method
 from .registry import Entry, Kind, Registry, default_registry
 from .runtime import RunReport, apply
+from .show import show
 from .testing import FAMILIES, make_image, tiny_model
 
 __all__ = ["main", "build_parser", "CommandError"]
@@ -105,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(commands)
     _add_run(commands)
     _add_demo(commands)
+    _add_bench(commands)
+    _add_show(commands)
     return parser
 
 
@@ -528,6 +547,298 @@ class _Progress:
         if self.inplace:
             self.stream.write("\n")
             self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- bench and show: shared
+
+
+def _add_model_source(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--model`` or ``--preset``, and how to load it (``--dtype``, ``--device``, ``--attn-implementation``)."""
+    source = p.add_mutually_exclusive_group(required=required)
+    source.add_argument("--model", metavar="PATH_OR_HUB_ID",
+                        help="a local directory or a Hugging Face Hub id, passed to from_pretrained")
+    source.add_argument("--preset", choices=tuple(PRESETS), metavar="NAME",
+                        help="a random-weight model built offline, no download: "
+                             + "; ".join(f"'{x.name}': {x.description}" for x in PRESETS.values()))
+    p.add_argument("--dtype", choices=_DTYPES, default="auto",
+                   help="weights dtype (default: auto: the checkpoint's own; presets: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                   help="where to run (default: auto, cuda when available)")
+    p.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa",
+                   help="transformers attention implementation (default: sdpa; flash_attention_2 needs the "
+                        "flash-attn package and a CUDA device)")
+
+
+def _load_model_source(args: argparse.Namespace) -> tuple[Any, Any, torch.device, str]:
+    """``(model, processor, device, name)`` for ``--model`` / ``--preset``, in eval mode on its device."""
+    device = _resolve_device(args.device)
+    attn = args.attn_implementation
+    if attn == "flash_attention_2":
+        if device.type != "cuda":
+            raise CommandError("flash_attention_2 runs on CUDA only; use --device cuda or another attention")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise CommandError("flash_attention_2 needs the flash-attn package (pip install 'tokred[flash]')")
+    name = args.preset or args.model
+    _note(f"loading {name} (dtype {args.dtype}, attention {attn}, device {device}) ...")
+    started = time.perf_counter()
+    if args.preset:
+        model, processor = build_preset(args.preset)
+        if args.dtype != "auto":
+            dtype = getattr(torch, args.dtype)
+        else:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = model.to(device=device, dtype=dtype)
+        if attn != "sdpa":  # flash_attention_2 can only be chosen once the weights are on the GPU in half precision
+            model.set_attn_implementation(attn)
+    else:
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(args.model)
+            model = transformers.AutoModelForImageTextToText.from_pretrained(
+                args.model, dtype="auto" if args.dtype == "auto" else getattr(torch, args.dtype),
+                attn_implementation=attn)
+        except OSError as exc:  # transformers' way of saying "not found / not a model directory"
+            raise CommandError(f"could not load {args.model!r}: {exc}") from None
+        model = model.to(device)
+    _note(f"loaded {type(model).__name__} in {time.perf_counter() - started:.1f} s")
+    return model.eval(), processor, device, name
+
+
+def _images_or_synthetic(paths: list[Path] | None) -> list[Image.Image]:
+    """The images at ``paths``, or one synthetic test image (:func:`tokred.testing.make_image`)."""
+    return [_open_image(path) for path in paths] if paths else [make_image()]
+
+
+def _prompt_inputs(processor: Any, model: Any, device: torch.device, images: list[Image.Image], prompt: str) -> Any:
+    text = _chat_prompt(processor, len(images), prompt)
+    return processor(images=images, text=text, return_tensors="pt").to(device=device, dtype=model.dtype)
+
+
+def _matching(names: Callable[[str], list[str]], patterns: Sequence[str], what: str) -> list[str]:
+    """Registered names matching ``patterns`` (names or fnmatch globs), in the order given."""
+    found: list[str] = []
+    for pattern in patterns:
+        matched = names(pattern)
+        if not matched:
+            raise CommandError(f"no registered {what} matches {pattern!r}; registered: {', '.join(names('*')) or 'none'}")
+        found += [n for n in matched if n not in found]
+    return found
+
+
+# ---------------------------------------------------------------------------- bench
+
+
+def _add_bench(commands: Any) -> None:
+    p = _subparser(
+        commands, "bench", help="measure speed-ups, FLOPs and memory of methods on a model",
+        description=(
+            "Measure methods and budgets on one prompt, in one process, interleaved: prefill and\n"
+            "end-to-end generate time relative to the unreduced model (speed-up) and, for methods\n"
+            "that only select before the language model, relative to the ideal (the same model fed\n"
+            "only the kept tokens from the start); selection and gating time as a share of the\n"
+            "prefill time saved; analytic prefill FLOPs; KV-cache bytes; peak memory. Ratios are\n"
+            "medians of per-round ratios over --repeats rounds, with their interquartile range.\n"
+            "Progress goes to stderr, the table (or --json, --markdown) to stdout.\n\n"
+            "--scaling times the registered Selectors alone on random tokens, for every N in\n"
+            "--sizes and k in --keep, and fits the exponents b, c of t ~ N^b k^c."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tokred bench --preset llava-135m --methods random --keep 64\n"
+            "  tokred bench --preset llava-135m --methods random todre --keep 32 64 144 --plot bench.png\n"
+            "  tokred bench --model llava-hf/llava-1.5-7b-hf --device cuda --dtype bfloat16 --json > bench.json\n"
+            "  tokred bench --scaling --selectors 'todre.*' --sizes 576 2304 10000 20000 --keep 16 64 256"
+        ),
+    )
+    _add_model_source(p, required=False)
+    p.add_argument("--methods", nargs="+", default=["*"], metavar="NAME",
+                   help="methods: names or fnmatch patterns (default: every registered method)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=_positive_int, nargs="+", metavar="K",
+                        help="budgets, visual tokens kept per image (default: 64); with --scaling the k values "
+                             "(default: 16 64 256)")
+    budget.add_argument("--keep-ratio", type=float, nargs="+", metavar="R",
+                        help="budgets as fractions of each image's visual tokens")
+    p.add_argument("--option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
+                   help="an option given to every method (with --scaling: every selector); repeatable")
+    p.add_argument("--image", action="append", type=Path, metavar="FILE",
+                   help="an image file; repeatable (default: one synthetic test image)")
+    p.add_argument("--prompt", default=_DEMO_PROMPT, metavar="TEXT", help=f"the question (default: {_DEMO_PROMPT!r})")
+    p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N",
+                   help="tokens every generate call produces, exactly (default: 8)")
+    p.add_argument("--repeats", type=_positive_int, default=5, metavar="N", help="timed rounds (default: 5)")
+    p.add_argument("--no-memory", action="store_true", help="skip the untimed peak-memory calls")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads for this process (default: torch's own choice); on a machine shared "
+                        "with other jobs, fewer threads than cores gives steadier timings")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the result as JSON (fields: docs/benchmarks.md)")
+    output.add_argument("--markdown", action="store_true", help="print a Markdown table with the machine and notes")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="also draw prefill speed-up against budget to this PNG")
+    p.add_argument("--json-file", type=Path, metavar="FILE", help="also write the JSON result to this file")
+    scaling = p.add_argument_group("selector scaling")
+    scaling.add_argument("--scaling", action="store_true", help="time Selectors alone against N and k (no model)")
+    scaling.add_argument("--selectors", nargs="+", default=["*"], metavar="NAME",
+                         help="selectors: names or fnmatch patterns (default: every registered selector)")
+    scaling.add_argument("--sizes", type=_positive_int, nargs="+", default=[576, 2304, 5184, 10000, 20000],
+                         metavar="N", help="visual tokens per image (default: 576 2304 5184 10000 20000)")
+    scaling.add_argument("--dim", type=_positive_int, default=1024, metavar="D", help="feature width (default: 1024)")
+    scaling.add_argument("--max-seconds", type=float, default=10.0, metavar="S",
+                         help="skip cells larger than one whose call took longer than this (default: 10)")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.scaling:
+        return _cmd_bench_scaling(args, registry)
+    if not (args.model or args.preset):
+        raise CommandError("give --model or --preset (or --scaling to time selectors alone)")
+    # Every method and budget is created before the model loads, so a typo costs nothing.
+    options = _method_options(argparse.Namespace(option=args.option, keep=None, keep_ratio=None))
+    if {"keep", "keep_ratio"} & set(options):
+        raise CommandError("give the budgets with --keep or --keep-ratio, not as --option")
+    budgets: list[tuple[str, float]] = ([("keep_ratio", r) for r in args.keep_ratio] if args.keep_ratio
+                                        else [("keep", k) for k in (args.keep or [64])])
+    contenders = [
+        Contender(name, f"{kind}={value:g}", registry.create(name, **{**options, kind: value}), budget_value=value)
+        for name in _matching(registry.list_methods, args.methods, "method") for kind, value in budgets
+    ]
+    images = _images_or_synthetic(args.image)
+    model, processor, device, name = _load_model_source(args)
+    inputs = _prompt_inputs(processor, model, device, images, args.prompt)
+    bench = Bench(model, inputs, contenders, registry=registry, new_tokens=args.new_tokens, repeats=args.repeats,
+                  memory=not args.no_memory, model_name=name)
+    progress = _Progress(bench.total_steps, sys.stderr)
+    result = bench.run(progress.step)
+    progress.close()
+    if args.plot is not None:
+        plot_speedups(result, args.plot)
+        _note(f"wrote {args.plot}")
+    if args.json_file is not None:
+        args.json_file.write_text(json.dumps(result, indent=2) + "\n")
+        _note(f"wrote {args.json_file}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.markdown:
+        print(format_markdown(result))
+    else:
+        print(format_table(result, _table))
+    return 1 if any(row["error"] for row in result["rows"]) else 0
+
+
+def _cmd_bench_scaling(args: argparse.Namespace, registry: Registry) -> int:
+    if args.keep_ratio:
+        raise CommandError("--scaling takes absolute budgets (--keep K ...), not --keep-ratio")
+    options = _method_options(argparse.Namespace(option=args.option, keep=None, keep_ratio=None))
+    selectors = {name: registry.selector(name, **options) for name in _matching(registry.list_selectors, args.selectors, "selector")}
+    keeps = args.keep or [16, 64, 256]
+    device = _resolve_device(args.device)
+    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    cells = sum(1 for n in args.sizes for k in keeps if k <= n)
+    progress = _Progress(cells * len(selectors), sys.stderr)
+    rows = []
+    for name, selector in selectors.items():
+        measured = selector_scaling(selector, args.sizes, keeps, dim=args.dim, repeats=args.repeats,
+                                    max_seconds=args.max_seconds, device=device, dtype=dtype,
+                                    step=lambda label, name=name: progress.step(f"{name} {label}"))
+        rows.append({"selector": name, "options": selector.model_dump(mode="json"), **measured})
+    progress.close()
+    result = {
+        "schema": "tokred-bench-scaling/1", "machine": machine_info(device),
+        "settings": {"dim": args.dim, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                     "repeats": args.repeats, "max_seconds": args.max_seconds},
+        "selectors": rows,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    markdown = args.markdown
+    blocks = []
+    for row in rows:
+        exponents = ", ".join(f"{var}^{value:.2f}" for var, value in row["exponents"].items() if value is not None)
+        cells_text = [[str(c["N"]), str(c["k"]),
+                       "skipped" if c["seconds"] is None else f"{c['seconds']['median'] * 1e3:.2f}",
+                       "" if c["seconds"] is None else f"{c['seconds']['q1'] * 1e3:.2f}-{c['seconds']['q3'] * 1e3:.2f}"]
+                      for c in row["cells"]]
+        headers = ["N", "k", "ms (median)", "interquartile ms"]
+        title = f"{row['selector']}: time ~ {exponents or 'n/a'} (least-squares fit)"
+        blocks.append(f"**{title}**\n\n" + _markdown_table(headers, cells_text) if markdown
+                      else f"{title}\n" + _indent(_table(headers, cells_text, right={0, 1, 2, 3})))
+    mach = result["machine"]
+    where = mach["gpu"] or f"{mach['cpu']}, {mach['cpus']} CPUs, torch threads: {mach['torch_threads']}"
+    blocks.append(f"D = {args.dim}, {result['settings']['dtype']}, {device}; median of {args.repeats} calls per cell "
+                  f"after a warm-up; {where}; torch {mach['torch']}.")
+    print("\n\n".join(blocks))
+    return 0
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ---------------------------------------------------------------------------- show
+
+
+def _add_show(commands: Any) -> None:
+    p = _subparser(
+        commands, "show", help="draw the image with the visual tokens a method kept",
+        description=(
+            "Run one prefill of the prompt with the method and draw each image as the model saw it\n"
+            "(resized and cropped by the processor; one panel per tile for tiled models): tokens\n"
+            "that enter the language model keep their pixels and a yellow outline, dropped tokens\n"
+            "are darkened. For methods with gates, a strip shows the tokens alive from each gate\n"
+            "layer on. Works on the presets (no download) and on real checkpoints."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tokred show --preset tiny --method todre --keep 64 -o kept.png\n"
+            "  tokred show --model llava-hf/llava-1.5-7b-hf --method todre --keep 64 --image cat.jpg \\\n"
+            "      --prompt 'What is the cat doing?' -o kept.png"
+        ),
+    )
+    _add_model_source(p, required=True)
+    p.add_argument("--method", required=True, metavar="NAME", help="a registered method (see 'tokred list')")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, metavar="K", help="visual tokens to keep per image")
+    budget.add_argument("--keep-ratio", type=float, metavar="R",
+                        help="fraction of each image's visual tokens to keep, in (0, 1]")
+    p.add_argument("--option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
+                   help="a method option (as in 'tokred run'); repeatable")
+    p.add_argument("--image", action="append", type=Path, metavar="FILE",
+                   help="an image file; repeatable (default: one synthetic test image)")
+    p.add_argument("--prompt", default=_DEMO_PROMPT, metavar="TEXT",
+                   help=f"the question; attention-guided methods depend on it (default: {_DEMO_PROMPT!r})")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="the PNG file to write")
+    p.add_argument("--json", action="store_true", help="print the kept indices and the panels as JSON")
+    p.set_defaults(handler=_cmd_show)
+
+
+def _cmd_show(args: argparse.Namespace, registry: Registry) -> int:
+    method = registry.create(args.method, **_method_options(args))
+    images = _images_or_synthetic(args.image)
+    model, processor, device, name = _load_model_source(args)
+    inputs = _prompt_inputs(processor, model, device, images, args.prompt)
+    budget = next((f"{k}={v:g}" for k, v in (("keep", args.keep), ("keep_ratio", args.keep_ratio)) if v is not None),
+                  "default budget")
+    figure = show(model, processor, inputs, method, images, title=f"{args.method} ({budget}) on {name}", registry=registry)
+    try:
+        figure.image.save(args.output, format="PNG")
+    except OSError as exc:
+        raise CommandError(f"cannot write {str(args.output)!r}: {exc}") from None
+    _note(f"wrote {args.output} ({figure.image.width} x {figure.image.height})")
+    if args.json:
+        print(json.dumps({
+            "output": str(args.output), "size": list(figure.image.size), "method": args.method,
+            "options": method.model_dump(mode="json"),
+            "panels": [{"image": p.image, "tile": p.tile, "stage": p.stage, "box": list(p.box), "grid": list(p.grid),
+                        "kept": p.kept} for p in figure.panels],
+        }, indent=2))
+    else:
+        for p in figure.panels:
+            print(f"image {p.image + 1}, tile {p.tile}, {p.stage}: {p.kept} of {p.grid[0] * p.grid[1]} grid cells kept")
+    return 0
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -1,0 +1,303 @@
+"""Pictures of which visual tokens a method kept (``tokred show``), drawn with Pillow.
+
+For each image of the prompt the figure shows the image as the model saw it (the processor's
+resized and cropped pixels, one panel per tile for tiled models) with every visual token's cell:
+tokens that enter the language model keep their pixels and get a yellow outline, dropped ones are
+darkened. When the method has Gates, a strip below shows, for each gate layer, the tokens still
+alive from that layer on. Tokens that are not grid cells (a vision [CLS] token kept as a visual
+token, LLaVA-NeXT row separators) cannot be placed on the picture; the captions count them.
+
+A Gate's decision depends only on the layers before it, so the tokens alive after gate ``i`` of a
+Schedule are those of the same Schedule cut after gate ``i``; :func:`kept_tokens` runs one prefill
+per gate but the last to read them, because a run report records the survivors of the last gate
+only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+
+from .adapters.base import VisionProbes
+from .method import Method
+from .registry import Registry, default_registry
+from .runtime import apply
+from .schedule import Schedule
+from .tokens import ImageLayout
+
+__all__ = ["show", "kept_tokens", "kept_figure", "model_view", "ImageKept", "Panel", "KeptFigure", "DIM_COLOUR",
+           "KEPT_OUTLINE"]
+
+#: Dropped cells are blended 70% towards this colour.
+DIM_COLOUR = (20, 20, 20)
+_DIM_ALPHA = 0.7
+#: Outline of kept cells in the main panels (where cells are at least 8 px wide).
+KEPT_OUTLINE = (255, 210, 0)
+_GAP = 10
+_MARGIN = 12
+_TITLE_HEIGHT = 30
+_CAPTION_HEIGHT = 22
+_STRIP_SCALE = 1 / 3
+
+
+@dataclass
+class ImageKept:
+    """What the figure shows for one image.
+
+    Attributes:
+        tiles: the image as the model saw it, one picture per tile of ``layout`` (in tile order).
+        layout: where each of the image's ``N`` visual tokens sits.
+        entering: indices (into the ``N`` tokens) that entered the language model.
+        gates: ``(layer, indices)`` for each gate: the tokens alive from that decoder layer on.
+        note: an optional remark for the caption (e.g. that the tiles are approximations).
+    """
+
+    tiles: list[Image.Image]
+    layout: ImageLayout
+    entering: list[int]
+    gates: list[tuple[int, list[int]]] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One drawn tile.
+
+    Attributes:
+        image: the image's number in the prompt.
+        tile: the tile's number in the image's layout.
+        stage: ``"entering"`` (the main panels) or ``"layer <l>"`` (a gate's strip panel).
+        box: ``(left, top, right, bottom)`` pixels of the tile's picture in the figure.
+        grid: ``(rows, cols)`` of the tile's token grid.
+        kept: how many of the tile's grid cells are drawn as kept.
+    """
+
+    image: int
+    tile: int
+    stage: str
+    box: tuple[int, int, int, int]
+    grid: tuple[int, int]
+    kept: int
+
+
+@dataclass
+class KeptFigure:
+    """The figure and where everything is in it (for tests and for callers that crop panels)."""
+
+    image: Image.Image
+    panels: list[Panel]
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font only
+        return ImageFont.load_default()
+
+
+def _panel_size(tile: Image.Image) -> tuple[int, int]:
+    """The tile's own pixel size, its longer side brought into 224..448 px."""
+    longest = max(tile.size)
+    scale = min(max(longest, 224), 448) / longest
+    return round(tile.width * scale), round(tile.height * scale)
+
+
+def _cell_box(row: int, col: int, grid: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    rows, cols = grid
+    width, height = size
+    return (round(col * width / cols), round(row * height / rows),
+            round((col + 1) * width / cols), round((row + 1) * height / rows))
+
+
+def _draw_tile(tile: Image.Image, grid: tuple[int, int], kept: set[tuple[int, int]], size: tuple[int, int],
+               outline: bool) -> Image.Image:
+    """``tile`` resized to ``size`` with every grid cell not in ``kept`` darkened."""
+    picture = tile.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    dropped = Image.new("L", size, 255)
+    mask = ImageDraw.Draw(dropped)
+    for row, col in kept:
+        x0, y0, x1, y1 = _cell_box(row, col, grid, size)
+        mask.rectangle([x0, y0, x1 - 1, y1 - 1], fill=0)
+    dark = Image.blend(picture, Image.new("RGB", size, DIM_COLOUR), _DIM_ALPHA)
+    result = Image.composite(dark, picture, dropped)
+    cell_width = size[0] / grid[1]
+    if outline and cell_width >= 8:
+        draw = ImageDraw.Draw(result)
+        for row, col in kept:
+            x0, y0, x1, y1 = _cell_box(row, col, grid, size)
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=KEPT_OUTLINE, width=1)
+    return result
+
+
+def _cells_by_tile(layout: ImageLayout, indices: Sequence[int]) -> tuple[list[set[tuple[int, int]]], int]:
+    """Per tile, the ``(row, col)`` cells of ``indices``; and how many of them are not grid cells."""
+    cells: list[set[tuple[int, int]]] = [set() for _ in layout.grids]
+    extra = 0
+    for index in indices:
+        if layout.extra is not None and bool(layout.extra[index]):
+            extra += 1
+            continue
+        cells[int(layout.tile[index])].add((int(layout.row[index]), int(layout.col[index])))
+    return cells, extra
+
+
+def _count(kept: int, total: int, extra: int) -> str:
+    return f"{kept} of {total}" + (f" (incl. {extra} non-grid)" if extra else "")
+
+
+def _caption(number: int, item: ImageKept) -> str:
+    _, extra = _cells_by_tile(item.layout, item.entering)
+    caption = f"image {number + 1}: {_count(len(item.entering), item.layout.num_tokens, extra)} visual tokens enter the language model"
+    return caption + (f"; {item.note}" if item.note else "")
+
+
+def _gate_caption(item: ImageKept, layer: int, alive: list[int]) -> str:
+    _, extra = _cells_by_tile(item.layout, alive)
+    return f"from layer {layer}: {_count(len(alive), item.layout.num_tokens, extra)}"
+
+
+def _gate_column(measure: ImageDraw.ImageDraw, font: Any, item: ImageKept, layer: int, alive: list[int],
+                 gate_w: int) -> int:
+    """Width of one gate's strip column: its pictures or its caption, whichever is wider."""
+    return max(gate_w, round(measure.textlength(_gate_caption(item, layer, alive), font=font)))
+
+
+def kept_figure(images: Sequence[ImageKept], title: str) -> KeptFigure:
+    """Compose the figure: a title, then per image a caption, its main panels and its gate strip.
+
+    Returns:
+        The RGB figure and its :class:`Panel` list (main panels of each image, then its strip).
+    """
+    title_font, font = _font(16), _font(13)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    captions = [_caption(number, item) for number, item in enumerate(images)]
+    text_width = max([measure.textlength(title, font=title_font)]
+                     + [measure.textlength(c, font=font) for c in captions])
+    blocks: list[tuple[int, int]] = []            # (width, height) of each image's block
+    for item in images:
+        sizes = [_panel_size(t) for t in item.tiles]
+        main_w = sum(w for w, _ in sizes) + _GAP * (len(sizes) - 1)
+        main_h = max(h for _, h in sizes)
+        strip_sizes = [(round(w * _STRIP_SCALE), round(h * _STRIP_SCALE)) for w, h in sizes]
+        gate_w = sum(w for w, _ in strip_sizes) + _GAP * (len(strip_sizes) - 1)
+        strip_w = sum(_gate_column(measure, font, item, layer, alive, gate_w) for layer, alive in item.gates)
+        strip_w += 2 * _GAP * max(len(item.gates) - 1, 0)
+        strip_h = (_CAPTION_HEIGHT + max(h for _, h in strip_sizes) + _GAP) if item.gates else 0
+        blocks.append((max(main_w, strip_w), _CAPTION_HEIGHT + main_h + _GAP + strip_h))
+    width = max([w for w, _ in blocks] + [round(text_width)]) + 2 * _MARGIN
+    height = _TITLE_HEIGHT + sum(h for _, h in blocks) + _MARGIN
+    figure = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(figure)
+    draw.text((_MARGIN, 8), title, fill=(20, 20, 20), font=title_font)
+    panels: list[Panel] = []
+    y = _TITLE_HEIGHT
+    for number, (item, caption, (_, block_h)) in enumerate(zip(images, captions, blocks)):
+        cells, _ = _cells_by_tile(item.layout, item.entering)
+        draw.text((_MARGIN, y + 4), caption, fill=(20, 20, 20), font=font)
+        x, top = _MARGIN, y + _CAPTION_HEIGHT
+        for tile_index, (tile, grid) in enumerate(zip(item.tiles, item.layout.grids)):
+            size = _panel_size(tile)
+            figure.paste(_draw_tile(tile, grid, cells[tile_index], size, outline=True), (x, top))
+            panels.append(Panel(number, tile_index, "entering", (x, top, x + size[0], top + size[1]), grid, len(cells[tile_index])))
+            x += size[0] + _GAP
+        strip_top = top + max(_panel_size(t)[1] for t in item.tiles) + _GAP
+        gate_w = sum(round(_panel_size(t)[0] * _STRIP_SCALE) for t in item.tiles) + _GAP * (len(item.tiles) - 1)
+        x = _MARGIN
+        for layer, alive in item.gates:
+            column_end = x + _gate_column(measure, font, item, layer, alive, gate_w) + 2 * _GAP
+            gate_cells, _ = _cells_by_tile(item.layout, alive)
+            draw.text((x, strip_top + 4), _gate_caption(item, layer, alive), fill=(20, 20, 20), font=font)
+            for tile_index, (tile, grid) in enumerate(zip(item.tiles, item.layout.grids)):
+                w, h = _panel_size(tile)
+                size = (round(w * _STRIP_SCALE), round(h * _STRIP_SCALE))
+                picture_top = strip_top + _CAPTION_HEIGHT
+                figure.paste(_draw_tile(tile, grid, gate_cells[tile_index], size, outline=False), (x, picture_top))
+                panels.append(Panel(number, tile_index, f"layer {layer}", (x, picture_top, x + size[0], picture_top + size[1]),
+                                    grid, len(gate_cells[tile_index])))
+                x += size[0] + _GAP
+            x = column_end
+        y += block_h
+    return KeptFigure(figure, panels)
+
+
+def model_view(pixel_values: torch.Tensor, processor: Any) -> Image.Image:
+    """The picture a vision encoder received: ``pixel_values`` ``[3, H, W]`` un-normalised with the
+    image processor's ``image_mean`` / ``image_std`` (or stretched to 0..255 when it has none)."""
+    pixels = pixel_values.detach().float().cpu()
+    image_processor = getattr(processor, "image_processor", processor)
+    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+    if mean is not None and std is not None:
+        pixels = pixels * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    else:
+        pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp(min=1e-12)
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()   # [H, W, 3]
+    return Image.fromarray(array.numpy())
+
+
+def _tiles_for(pixel_values: torch.Tensor | None, encoder_index: int, layout: ImageLayout, processor: Any,
+               original: Image.Image) -> tuple[list[Image.Image], str]:
+    """The tile pictures of one image and a caption note: the processor's pixels when their shape
+    matches the layout (``[images, 3, H, W]`` untiled, ``[images, tiles, 3, H, W]`` tiled), else the
+    original image for every tile."""
+    tiles = len(layout.grids)
+    if pixel_values is not None and encoder_index < pixel_values.shape[0]:
+        mine = pixel_values[encoder_index]
+        if mine.dim() == 3 and tiles == 1:
+            return [model_view(mine, processor)], ""
+        if mine.dim() == 4 and mine.shape[0] == tiles:
+            return [model_view(t, processor) for t in mine], ""
+    return [original] * tiles, "tiles drawn on the original image (the model's crops are not known)"
+
+
+def kept_tokens(model: nn.Module, inputs: Mapping[str, Any], method: Method | Schedule, *,
+                registry: Registry | None = None) -> list[tuple[int, int, list[int], list[tuple[int, list[int]]]]]:
+    """Which visual tokens of each image enter the language model and survive each gate.
+
+    Runs one prefill of ``inputs`` under ``method`` (plus one per gate before the last).
+
+    Returns:
+        Per image of the batch, in report order: ``(sample, image, entering indices,
+        [(gate layer, alive indices)])``; indices point into the image's visual tokens.
+    """
+    registry = registry or default_registry()
+    schedule = method if isinstance(method, Schedule) else method.schedule()
+    with torch.no_grad():
+        with apply(model, method, registry=registry) as run:
+            model(**inputs, logits_to_keep=1)
+        report = run.report
+        alive: dict[tuple[int, int], list[tuple[int, list[int]]]] = {(r.sample, r.image): [] for r in report.images}
+        for i, layer in enumerate(run.gate_layers):
+            if i == len(run.gate_layers) - 1:
+                gate_report = report
+            else:
+                with apply(model, schedule.model_copy(update={"gates": schedule.gates[: i + 1]}), registry=registry) as cut:
+                    model(**inputs, logits_to_keep=1)
+                gate_report = cut.report
+            for record in gate_report.images:
+                alive[(record.sample, record.image)].append((layer, list(record.kept_final)))
+    return [(r.sample, r.image, list(r.kept_stage1), alive[(r.sample, r.image)]) for r in report.images]
+
+
+def show(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: Method | Schedule,
+         images: Sequence[Image.Image], *, title: str, registry: Registry | None = None) -> KeptFigure:
+    """The figure of the tokens ``method`` keeps for the prompt ``inputs`` (batch size 1) made from
+    the PIL ``images`` in prompt order.
+
+    Raises:
+        ValueError: ``inputs`` hold more than one prompt.
+    """
+    registry = registry or default_registry()
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError("tokred show draws one prompt at a time")
+    adapter = registry.adapter_for(model)
+    spans = {(s.sample, s.image): s for s in adapter.image_spans(inputs["input_ids"], VisionProbes(), inputs)}
+    items = []
+    for sample, image, entering, gates in kept_tokens(model, inputs, method, registry=registry):
+        span = spans[(sample, image)]
+        tiles, note = _tiles_for(inputs.get("pixel_values"), span.encoder_index, span.layout, processor, images[image])
+        items.append(ImageKept(tiles, span.layout, entering, gates, note))
+    return kept_figure(items, title)
