@@ -133,16 +133,41 @@ class Adapter:
         length = input_ids.shape[1]
         return (torch.arange(length, device=input_ids.device) + past_length).unsqueeze(0).expand(input_ids.shape[0], -1)
 
-    def decode_position_ids(self, batch: int, num_new: int, logical_length: int, device: torch.device) -> torch.Tensor:
+    def decode_position_ids(self, batch: int, num_new: int, logical_length: int, device: torch.device,
+                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Position ids of ``num_new`` decoded tokens when the caller passed none: what the
-        unmodified model would compute from a cache holding ``logical_length`` tokens."""
+        unmodified model would compute from a cache holding ``logical_length`` tokens, given the
+        caller's 2-D ``attention_mask`` ``[B, logical_length + num_new]`` (or ``None``). Default: the
+        Llama-style ``arange`` after the cache, which ignores the mask.
+
+        The runtime uses these instead of whatever the model derived from its (pruned, shorter)
+        cache itself; models that compute positions before their language model (M-RoPE) would
+        otherwise start from the wrong length."""
         return (torch.arange(num_new, device=device) + logical_length).unsqueeze(0).expand(batch, -1)
+
+    def position_index(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]``: one number per token that grows along the sequence, from position ids ``[B, L]``
+        or ``[k, B, L]``. The runtime compares it at decode steps with where the prefill ended, to
+        catch ``generate`` re-feeding tokens into a pruned cache. Default: the largest over any
+        leading axes (M-RoPE's text tokens advance all axes alike)."""
+        return position_ids.reshape(-1, *position_ids.shape[-2:]).amax(dim=0)
 
     def reduce_language_model_kwargs(self, kwargs: dict[str, Any], origin: torch.Tensor) -> dict[str, Any]:
         """Per-position language-model inputs beyond ``inputs_embeds``, ``attention_mask`` and
         ``position_ids`` (e.g. Qwen3-VL's deepstack features), reduced to ``origin`` ``[B, L']``
-        (full-sequence positions, -1 padding). Return only what changed. Default: none."""
+        (full-sequence positions, -1 padding). Return only what changed. Default: none.
+
+        Called on every prefill with images, also when no selector runs (``origin`` then keeps
+        every real position), so that what the language model holds is the adapter's own objects,
+        which :meth:`follow_reduction` may shrink in place at gates."""
         return {}
+
+    def follow_reduction(self, held: dict[str, Any], local: torch.Tensor) -> None:
+        """A gate shrank the sequence inside the language model: reduce, *in place*, the inputs
+        that the language model applies between its layers (``held``: what
+        :meth:`reduce_language_model_kwargs` returned for this prefill, the very objects the
+        language model's forward holds) to the positions ``local`` ``[B, L'']`` of the previous
+        layout (-1 padding). Default: nothing such exists (LLaVA)."""
 
     def reduce_layer_kwargs(self, kwargs: dict[str, Any], entry_index: torch.Tensor) -> dict[str, Any]:
         """Per-position decoder-layer inputs beyond hidden states, position embeddings, position ids
@@ -163,8 +188,9 @@ class Adapter:
         has_visual = visual.any(dim=1, keepdim=True)
         return text & seen_visual & has_visual, text & ~seen_visual & has_visual
 
-    def validate(self, gate_layers: Sequence[int]) -> None:
-        """Refuse schedules this model cannot run (clear :class:`ScheduleError`). Default: accept."""
+    def validate(self, gate_layers: Sequence[int], schedule: Any = None) -> None:
+        """Refuse schedules this model cannot run (clear :class:`ScheduleError`), given the gates'
+        resolved layers and the :class:`~tokred.Schedule` itself. Default: accept."""
 
     def check_model_state(self) -> None:
         """Refuse models in a state the runtime cannot handle (before any forward)."""

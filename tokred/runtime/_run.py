@@ -11,10 +11,12 @@ What the hooks do, per forward call:
   position ids they had in the full sequence (or renumbered, a Schedule option) and an explicit
   attention mask. At each gate layer the gate decides from the previous layer's attention; the
   hidden states are packed again and every later layer gets position embeddings, position ids and
-  a 4-D mask sliced to the survivors.
+  a 4-D mask sliced to the survivors. Inputs the language model injects between layers (Qwen3-VL's
+  deepstack features) are reduced by the adapter at stage I and at each gate.
 * **decode** (the cache this run filled): each group of layers between gates keeps a key-padding
   mask of what its cache holds; new tokens are appended to it and layers whose cache differs from
-  layer 0's get their own 4-D mask. Position ids continue from the full sequence.
+  layer 0's get their own 4-D mask. Position ids continue from the full sequence: the caller's
+  (checked against where the prefill ended), or the adapter's when the caller gave none.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class _Prefill:
     gate_layers: dict[int, int]
     stash: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     model_mask_is_none: bool = False
+    held: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,6 +176,7 @@ class Run:
         self._mode: str = "idle"
         self._input_ids: torch.Tensor | None = None
         self._multimodal_inputs: dict[str, Any] = {}
+        self._caller_positions = False
         self._prefill: _Prefill | None = None
         self._cache_state: _CacheState | None = None
         self._frozen = False
@@ -240,7 +244,7 @@ class Run:
 
     def _check_static(self) -> None:
         self.adapter.check_model_state()
-        self.adapter.validate(self.gate_layers)
+        self.adapter.validate(self.gate_layers, schedule=self.schedule)
         fixed = self.adapter.visual_tokens_per_image()
         if fixed is None:
             return
@@ -299,6 +303,9 @@ class Run:
             )
         if kwargs.get("pixel_values") is not None:
             raise RuntimeStateError("new images on a continued cache are not supported; start a new prefill")
+        # Position ids the caller did not give are the adapter's to compute: a model that derives
+        # them itself before its language model (Qwen's M-RoPE) reads the pruned cache's length.
+        self._caller_positions = kwargs.get("position_ids") is not None
         self._mode = "decode"
 
     @staticmethod
@@ -409,9 +416,11 @@ class Run:
         shift = self._renumber_shift(real.cpu(), keep)
         self._cache_state = _CacheState(lambda: None, [0] * self.adapter.num_layers, [entry.valid], length,
                                         None if shift is None else shift[:, -1].to(device),
-                                        _next_position(full_positions, real))
+                                        _next_position(self.adapter.position_index(full_positions), real))
+        held = self.adapter.reduce_language_model_kwargs(kwargs, origin)
+        self._prefill.held = held
         if self.schedule.selector is None:
-            return None
+            return (args, {**kwargs, **held}) if held else None
 
         new_kwargs = dict(kwargs)
         new_kwargs["inputs_embeds"] = gather_rows(new_embeds, origin, seq_dim=1)
@@ -420,7 +429,7 @@ class Run:
         if shift is not None:
             positions = positions - gather_rows(shift, origin, seq_dim=1).to(positions.device).masked_fill(origin.to(positions.device) < 0, 0)
         new_kwargs["position_ids"] = positions
-        new_kwargs.update(self.adapter.reduce_language_model_kwargs(kwargs, origin))
+        new_kwargs.update(held)
         return args, new_kwargs
 
     def _renumber_shift(self, real: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
@@ -483,11 +492,12 @@ class Run:
             state.logical_length += num_new
             return None
         device = embeds.device
-        positions = kwargs.get("position_ids")
+        positions = kwargs.get("position_ids") if self._caller_positions else None
         if positions is None:
-            positions = self.adapter.decode_position_ids(embeds.shape[0], num_new, state.logical_length, device)
+            positions = self.adapter.decode_position_ids(embeds.shape[0], num_new, state.logical_length, device,
+                                                         attention_mask=mask)
         elif state.next_position is not None:
-            first = positions[..., 0].reshape(-1, positions.shape[-2]).amax(dim=0)
+            first = self.adapter.position_index(positions)[:, 0]
             if not torch.equal(first.cpu(), state.next_position):
                 raise RuntimeStateError(
                     f"decoding resumes at position {first.tolist()} but this pruned cache ends before position "
@@ -495,7 +505,7 @@ class Run:
                     "supported through generate(), which re-feeds tokens it believes are missing from the shorter "
                     "cache; run the whole conversation again instead"
                 )
-        state.next_position = positions.reshape(-1, positions.shape[-2], positions.shape[-1]).amax(dim=0)[:, -1].cpu() + 1
+        state.next_position = self.adapter.position_index(positions)[:, -1].cpu() + 1
         new_valid = mask[:, -num_new:].bool() if mask is not None else torch.ones(embeds.shape[0], num_new, dtype=torch.bool, device=device)
         state.key_valid = [torch.cat([kv.to(device), new_valid], dim=1) for kv in state.key_valid]
         if state.position_shift is not None:
@@ -530,6 +540,8 @@ class Run:
             local = self._gate(index, prefill, hidden)
             prefill.current = prefill.current.select(local)
             hidden = gather_rows(hidden, local, seq_dim=1)
+            if prefill.held:
+                self.adapter.follow_reduction(prefill.held, local)
             _sync(hidden.device)
             self._report.gating_seconds += time.perf_counter() - start
             state = self._cache_state
@@ -661,11 +673,10 @@ class Run:
         )
 
 
-def _next_position(full_positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``[B]``: one past the largest position of each row's real tokens (over M-RoPE axes too),
-    where the unmodified model's next token goes."""
-    flat = full_positions.reshape(-1, *full_positions.shape[-2:]).amax(dim=0).cpu()   # [B, L]
-    return flat.masked_fill(~real.cpu(), -1).amax(dim=1) + 1
+def _next_position(index: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``[B]``: one past the largest position index (``[B, L]``, :meth:`Adapter.position_index`) of
+    each row's real tokens, where the unmodified model's next token goes."""
+    return index.cpu().masked_fill(~real.cpu(), -1).amax(dim=1) + 1
 
 
 def _attention_slice(stash: tuple[torch.Tensor, torch.Tensor, float], sample: int, query_local: torch.Tensor,

@@ -61,11 +61,16 @@ class Case:
         return tiny_model(self.family, attn_implementation=self.attn_implementation)
 
 
-def tiny_inputs(processor: Any, prompts: Sequence[str], images_per_prompt: int = 1) -> dict[str, torch.Tensor]:
+def tiny_inputs(processor: Any, prompts: Sequence[str], images_per_prompt: int = 1, *,
+                first_prompt: int = 0) -> dict[str, torch.Tensor]:
     """Processor inputs for ``prompts`` (each with ``images_per_prompt`` synthetic images), built
-    through the processor's own chat template and left-padded."""
+    through the processor's own chat template and left-padded.
+
+    Prompt ``i`` gets the images seeded ``10 * (first_prompt + i) + j``, so
+    ``tiny_inputs(processor, [prompts[i]], first_prompt=i)`` reproduces prompt ``i`` of a batch alone,
+    images included, whatever layout the model's pixel values have."""
     texts, images = [], []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(prompts, start=first_prompt):
         content = [{"type": "image"}] * images_per_prompt + [{"type": "text", "text": prompt}]
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
         images += [make_image(seed=10 * i + j) for j in range(images_per_prompt)]
@@ -171,8 +176,9 @@ def check_layer_counts(case: Case) -> None:
     """Property 3: each decoder layer sees the number of visual tokens the schedule promised."""
     model, processor = case.model()
     inputs = tiny_inputs(processor, _PROMPTS[:1])
-    layers = list(model.model.language_model.layers)
-    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    adapter = case.registry.adapter_for(model)
+    layers = list(adapter.decoder_layers())
+    image_tokens = int((inputs["input_ids"] == adapter.image_token_id()).sum())
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
     with apply(model, case.method, registry=case.registry) as run, _count_layer_inputs(layers) as lengths:
         _logits(model, inputs)
@@ -197,8 +203,7 @@ def check_batch_invariance(case: Case) -> None:
         batch_kept = run.report.kept_indices
         batch_tokens = _generate(model, batch)[:, -6:]
         for i, prompt in enumerate(_PROMPTS):
-            alone = tiny_inputs(processor, [prompt])
-            alone["pixel_values"] = batch["pixel_values"][i:i + 1]
+            alone = tiny_inputs(processor, [prompt], first_prompt=i)
             alone_logits = _logits(model, alone)[:, -1]
             if run.report.kept_indices[0] != batch_kept[i]:
                 raise case.fail("batch_invariance", f"prompt {i} keeps different tokens in a batch than alone")

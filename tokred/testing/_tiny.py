@@ -19,6 +19,8 @@ import transformers
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from ._tiny_qwen import QWEN_BUILDERS
+
 __all__ = ["FAMILIES", "make_image", "tiny_model"]
 
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
@@ -169,6 +171,7 @@ _Builder = Callable[
 # family -> (builder, default dimensions). Adding a family means adding one entry here.
 _BUILDERS: dict[str, tuple[_Builder, dict[str, Any]]] = {
     "llava": (_build_llava, _LLAVA_DEFAULTS),
+    **QWEN_BUILDERS,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)

@@ -1,0 +1,280 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
+
+The three share what matters to token reduction, measured on ``transformers`` 5.23 (the tests
+also pass on 5.17):
+
+* **Visual tokens.** The vision tower cuts an image into ``patch_size`` patches (14 px; 16 px for
+  Qwen3-VL) on a grid of ``(t, h, w)`` patches (``image_grid_thw``; ``t = 1`` for images) and merges
+  each ``2 x 2`` block (``spatial_merge_size``) into one token, so an image becomes
+  ``t * (h / 2) * (w / 2)`` tokens in row-major order of the merged grid (144 for 336 px with 14 px
+  patches). They sit where the processor expanded ``<|image_pad|>``, between ``<|vision_start|>`` and
+  ``<|vision_end|>``. There is no [CLS] token, so no [CLS] attention: selectors get
+  ``cls_attention=None`` and fall back as they document.
+* **M-RoPE.** Position ids have three axes (temporal, height, width): text tokens advance all three
+  together, an image's tokens take ``(start, start + row, start + col)``, and the text after an image
+  resumes at ``start + max(h, w) / 2``. The multimodal model computes them with ``get_rope_index`` on
+  the full sequence before calling its language model (``[3, B, L]``; ``generate`` passes
+  ``[4, B, L]``, a plain text row first that transformers uses only to build masks) and stores
+  ``rope_deltas = max position + 1 - real tokens`` per row. Decoding continues at
+  ``cache length + rope_deltas``. tokred keeps the full sequence's positions for surviving tokens;
+  renumbering them is refused (:meth:`QwenVLAdapter.validate`), because no rule for re-laying a 3-axis
+  grid after pruning is established.
+* **Qwen3-VL deepstack.** Features of intermediate vision layers are added to the visual positions
+  of the outputs of the first ``len(deepstack_visual_indexes)`` decoder layers
+  (``visual_pos_masks`` ``[B, L]``, ``deepstack_visual_embeds``: one ``[V, D]`` per layer, rows in
+  row-major order of the mask). They are reduced with the sequence at stage I and, for gates inside
+  those layers, at each gate (:class:`Qwen3VLAdapter`).
+
+Not supported: video inputs (refused with a clear error; the test processors have no video
+processor, which needs torchvision), and pre-projector features (not captured; selectors that need
+them say so).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import RuntimeStateError, ScheduleError
+from ..tokens import ImageLayout
+from .base import Adapter, ImageSpan, VisionProbes
+
+__all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "merged_layout"]
+
+
+def merged_layout(t: int, h: int, w: int) -> ImageLayout:
+    """Layout of one image's ``h * w`` merged tokens (``h``, ``w`` after the 2x2 merge), row-major,
+    as the model emits them. Images have one temporal slice (``t = 1``): the processor repeats a
+    still image to fill the 2-frame temporal patch. More slices only come from videos."""
+    if t != 1:
+        raise RuntimeStateError(f"an image with {t} temporal slices is a video, which tokred does not reduce yet")
+    return ImageLayout.grid(h, w)
+
+
+class QwenVLAdapter(Adapter):
+    """What the three Qwen-VL families share. Subclasses only name their model classes, except
+    Qwen3-VL, which also carries deepstack features."""
+
+    model_classes = ()
+
+    def _merge(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)  # type: ignore[union-attr]
+
+    def available_inputs(self) -> frozenset[str]:
+        """None: Qwen's vision towers have no [CLS] token, so there is no [CLS] attention, and
+        pre-projector features are not captured (the 2x2 merger sees four patches per token, in
+        window order on Qwen2.5-VL). Selectors get ``None`` for both and fall back as they document."""
+        return frozenset()
+
+    # ------------------------------------------------------------------ images
+
+    def image_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int, int]] | None:
+        """``(t, h, w)`` of every image *after* the 2x2 merge, in encoder order, from
+        ``image_grid_thw`` (``[num_images, 3]``, before merging) when the call carries it, else ``None``.
+
+        ``generate`` in transformers 5.23 runs the vision tower itself and then drops
+        ``image_grid_thw`` from the model's inputs; :meth:`image_spans` then reads each image's grid
+        from its M-RoPE position ids instead.
+        """
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            return None
+        m = self._merge()
+        return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()]
+
+    def _image_token_counts(self, inputs: Mapping[str, Any]) -> list[int] | None:
+        """Visual tokens per image in encoder order, from the grids or from the features that
+        ``generate`` computed ahead of the call (``mm_encoder_outputs["image"].pooler_output``, one
+        ``[N_i, D]`` per image)."""
+        grids = self.image_grids(inputs)
+        if grids is not None:
+            return [t * h * w for t, h, w in grids]
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        features = getattr(encoded, "pooler_output", None)
+        if isinstance(features, (tuple, list)):
+            return [int(f.shape[0]) for f in features]
+        return None
+
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        """Every image's tokens, row-major over the batch (the order ``masked_scatter`` fills them).
+
+        Images are told apart by their token counts (from ``image_grid_thw`` or the precomputed
+        features), so two images with no text between them still split correctly; without either,
+        each contiguous run of image tokens is one image. Grids come from ``image_grid_thw`` or, when
+        ``generate`` dropped it, from the image's M-RoPE rows (height and width positions span
+        ``h`` and ``w`` values).
+        """
+        # The call's video *inputs* decide, not video token ids: a generated <|video_pad|> fed back
+        # without video features is plain text to the model, and to tokred.
+        if inputs.get("pixel_values_videos") is not None or (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
+            raise RuntimeStateError(
+                f"{type(self.model).__name__}: video inputs are not supported by tokred yet (only images); "
+                "run videos without tokred.apply"
+            )
+        counts = self._image_token_counts(inputs)
+        grids = self.image_grids(inputs)
+        chunks = _split_image_tokens(input_ids, self.image_token_id(), counts)
+        spans: list[ImageSpan] = []
+        per_row: dict[int, int] = {}
+        for encoder_index, (row, positions) in enumerate(chunks):
+            if grids is not None:
+                t, h, w = grids[encoder_index]
+            else:
+                t, h, w = self._grid_from_positions(inputs.get("position_ids"), row, positions)
+            if t * h * w != positions.numel():
+                raise RuntimeStateError(
+                    f"image {encoder_index} has {positions.numel()} tokens but a {t}x{h}x{w} merged grid"
+                )
+            image = per_row.get(row, 0)
+            per_row[row] = image + 1
+            spans.append(ImageSpan(row, image, positions, merged_layout(t, h, w), encoder_index))
+        return spans
+
+    @staticmethod
+    def _grid_from_positions(position_ids: torch.Tensor | None, row: int, positions: torch.Tensor) -> tuple[int, int, int]:
+        """``(t, h, w)`` of one image from its M-RoPE positions ``[3 or 4, B, L]``: the height and
+        width axes take ``h`` and ``w`` consecutive values over an image (get_rope_index)."""
+        if position_ids is None or position_ids.dim() != 3:
+            raise RuntimeStateError(
+                "cannot tell the image grid: the call carries neither image_grid_thw nor M-RoPE position ids; "
+                "pass the processor's image_grid_thw"
+            )
+        axes = position_ids[-3:, row if position_ids.shape[1] > 1 else 0, positions.to(position_ids.device)]
+        h = int(axes[1].max() - axes[1].min()) + 1
+        w = int(axes[2].max() - axes[2].min()) + 1
+        return positions.numel() // (h * w), h, w
+
+    # --------------------------------------------------------------- positions
+
+    def position_index(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]``: the largest M-RoPE axis. The leading plain-text row of ``generate``'s
+        ``[4, B, L]`` layout counts tokens, not rotary positions, and is left out."""
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]
+        return super().position_index(position_ids)
+
+    def decode_position_ids(self, batch: int, num_new: int, logical_length: int, device: torch.device,
+                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[3, B, num_new]``, equal on the three axes: ``p + rope_deltas``, where ``p`` counts the
+        real tokens before each new one (``cumsum(attention_mask) - 1``), or, without a mask, is
+        ``logical_length + i``, as the unmodified model computes from an unpruned cache.
+        ``rope_deltas`` ``[B, 1]`` comes from the latest prefill, which computed it on the full sequence.
+
+        Measured on 5.23: the unmodified model takes the mask's cumsum over *all* columns and then
+        fails on the shape mismatch; the last ``num_new`` columns are what it means to compute.
+        """
+        if attention_mask is not None:
+            counted = attention_mask.long().cumsum(-1) - 1
+            steps = counted[:, -num_new:].masked_fill(attention_mask[:, -num_new:] == 0, 0).to(device)   # [B, n]
+        else:
+            steps = (torch.arange(num_new, device=device) + logical_length)[None].expand(batch, -1)
+        deltas = getattr(self.multimodal_model(), "rope_deltas", None)
+        if deltas is None:
+            deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)   # [B, 1]
+        return (steps + deltas)[None].expand(3, batch, num_new)
+
+    def validate(self, gate_layers: Sequence[int], schedule: Any = None) -> None:
+        if schedule is not None and getattr(schedule, "positions", "original") == "renumber":
+            raise ScheduleError(
+                f"{self.family}: positions='renumber' is not supported for M-RoPE models (3-axis positions of "
+                "an image grid have no established renumbering after pruning); use positions='original'"
+            )
+
+
+class Qwen2VLAdapter(QwenVLAdapter):
+    """Qwen2-VL."""
+
+    model_classes = ("Qwen2VLForConditionalGeneration",)
+
+
+class Qwen2_5_VLAdapter(QwenVLAdapter):
+    """Qwen2.5-VL. Its window-attention vision tower reorders patches internally and restores the
+    order after the merger, so the language model sees the same row-major layout as Qwen2-VL."""
+
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: Qwen2-VL's layout plus deepstack features.
+
+    Deepstack (``visual_pos_masks`` ``[B, L]`` bool, ``deepstack_visual_embeds``: list of ``[V, D]``,
+    rows in row-major order of the mask) is added to the outputs of decoder layers
+    ``0 .. len(deepstack) - 1``. Stage I gathers both to the surviving positions. A gate at a layer
+    ``g`` inside that range shrinks the sequence before layer ``g``, whose output still receives
+    deepstack features: the runtime hands the language model fresh copies at the start of every
+    prefill with images (:meth:`reduce_language_model_kwargs`) and :meth:`follow_reduction` shrinks
+    them in place at each gate, so every injection lands on the visual tokens still alive. (The
+    language model reads the mask and the list anew for every layer and keeps no copy of its own,
+    measured on 5.17 and 5.23. If a future version did, the shapes would disagree and the model
+    would fail loudly, not silently.)
+
+    Ours: a merging selector's replacement features replace the input embeddings only; the kept
+    tokens' deepstack features stay as the vision tower computed them.
+    """
+
+    model_classes = ("Qwen3VLForConditionalGeneration",)
+
+    def reduce_language_model_kwargs(self, kwargs: dict[str, Any], origin: torch.Tensor) -> dict[str, Any]:
+        mask = kwargs.get("visual_pos_masks")
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if mask is None or embeds is None:
+            return {}
+        new_mask, rows = _reduce_visual_mask(mask, origin)
+        return {"visual_pos_masks": new_mask, "deepstack_visual_embeds": [e[rows.to(e.device)] for e in embeds]}
+
+    def follow_reduction(self, held: dict[str, Any], local: torch.Tensor) -> None:
+        mask = held.get("visual_pos_masks")
+        embeds = held.get("deepstack_visual_embeds")
+        if mask is None or embeds is None:
+            return
+        new_mask, rows = _reduce_visual_mask(mask, local)
+        # In place: the language model's forward holds these very objects for its remaining layers.
+        mask.set_(new_mask)
+        for i, e in enumerate(embeds):
+            embeds[i] = e[rows.to(e.device)]
+
+
+def _reduce_visual_mask(mask: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather a ``[B, L]`` visual mask at ``index`` ``[B, L']`` (-1: padding, never visual).
+
+    Returns the new mask ``[B, L']`` and ``rows`` ``[V']``: for each ``True`` of the new mask in
+    row-major order, the row of the old mask's row-major ``True`` list it came from (how per-visual
+    tensors such as deepstack features are gathered alike)."""
+    index = index.to(mask.device)
+    valid = index >= 0
+    safe = index.clamp(min=0)
+    new_mask = mask.gather(1, safe) & valid
+    old_rank = (torch.cumsum(mask.flatten().long(), 0) - 1).view_as(mask)        # [B, L]
+    rows = old_rank.gather(1, safe)[new_mask]
+    return new_mask, rows
+
+
+def _split_image_tokens(input_ids: torch.Tensor, token_id: int, counts: list[int] | None) -> list[tuple[int, torch.Tensor]]:
+    """``(row, positions [N_i])`` per image, row-major. With ``counts``, consecutive image tokens of a
+    row are cut into images of those sizes in order; without, each contiguous run is one image."""
+    chunks: list[tuple[int, torch.Tensor]] = []
+    sizes = iter(counts) if counts is not None else None
+    for row in range(input_ids.shape[0]):
+        positions = torch.nonzero(input_ids[row] == token_id).flatten().cpu()
+        if positions.numel() == 0:
+            continue
+        if sizes is None:
+            breaks = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
+            chunks += [(row, p) for p in torch.tensor_split(positions, breaks)]
+            continue
+        start = 0
+        while start < positions.numel():
+            n = next(sizes, None)
+            if n is None or start + n > positions.numel():
+                raise RuntimeStateError(
+                    f"row {row} has {positions.numel()} image tokens, which do not split into the images' "
+                    f"token counts {counts}"
+                )
+            chunks.append((row, positions[start:start + n]))
+            start += n
+    if sizes is not None and next(sizes, None) is not None:
+        raise RuntimeStateError(f"the input holds fewer image tokens than the images' token counts {counts}")
+    return chunks
