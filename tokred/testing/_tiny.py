@@ -9,7 +9,6 @@ tokenizer is trained in-process on a few sentences and weights are random.
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,9 @@ from typing import Any
 import torch
 import transformers
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
+
+from ._bpe import train_byte_level_bpe
 
 from ._tiny_qwen import QWEN_BUILDERS
 
@@ -73,25 +74,9 @@ _LLAVA_DEFAULTS: dict[str, Any] = {
 }
 
 
-@functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    """Train the byte-level BPE once per process; cache it as immutable JSON."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=list(_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    # Llama-style: prepend BOS, as the real LLaVA-1.5 tokenizer does.
-    bos_id = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
-    return tok.to_str()
+    """The LLaVA tokenizer: Llama-style, BOS prepended as the real LLaVA-1.5 tokenizer does."""
+    return train_byte_level_bpe(_CORPUS, _SPECIAL_TOKENS, unk_token="<unk>", bos_token="<s>")
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:

@@ -11,12 +11,13 @@ removes that attribute, so the processors here reject ``videos=``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
+
+from ._bpe import train_byte_level_bpe
 
 __all__ = ["QWEN_BUILDERS"]
 
@@ -98,19 +99,9 @@ _QWEN3_VL_DEFAULTS: dict[str, Any] = {
 }
 
 
-@functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=list(_QWEN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    return tok.to_str()
+    """The Qwen tokenizer: no unknown token and no BOS, like Qwen's own."""
+    return train_byte_level_bpe(_CORPUS, _QWEN_SPECIAL_TOKENS)
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
