@@ -131,6 +131,8 @@ class _Prefill:
     stash: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
     model_mask_is_none: bool = False
     held: dict[str, Any] = field(default_factory=dict)
+    counted: tuple[_Layout, list[int], list[int]] | None = None
+    layer_inputs: tuple[tuple[int, ...], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -552,31 +554,47 @@ class Run:
         self._record_layer(prefill)
         if prefill.current is prefill.entry:
             return None
-        current = prefill.current
         new_kwargs = dict(kwargs)
-        cos, sin = kwargs["position_embeddings"]
-        new_kwargs["position_embeddings"] = (gather_rows(cos, current.entry_index, seq_dim=-2),
-                                             gather_rows(sin, current.entry_index, seq_dim=-2))
-        if kwargs.get("position_ids") is not None:
-            new_kwargs["position_ids"] = gather_positions(kwargs["position_ids"], current.entry_index)
-        valid = current.valid.to(hidden.device)
-        if prefill.model_mask_is_none and bool(valid.all()):
-            new_kwargs["attention_mask"] = None  # keeps sdpa on its is_causal fast path
-        else:
-            new_kwargs["attention_mask"] = format_mask(causal_key_mask(valid, valid.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
-        new_kwargs.update(self.adapter.reduce_layer_kwargs(kwargs, current.entry_index))
+        new_kwargs.update(self._reduced_layer_inputs(prefill, kwargs, hidden))
+        new_kwargs.update(self.adapter.reduce_layer_kwargs(kwargs, prefill.current.entry_index))
         if args:
             return (hidden, *args[1:]), new_kwargs
         new_kwargs["hidden_states"] = hidden
         return args, new_kwargs
 
+    def _reduced_layer_inputs(self, prefill: _Prefill, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
+        """Position embeddings, position ids and mask of the current layout. The language model
+        passes every layer the same full-length ones, so they are reduced once per layout (and per
+        incoming tensors) and reused by the following layers."""
+        current = prefill.current
+        key = (id(current), id(kwargs["position_embeddings"]), id(kwargs.get("position_ids")), id(kwargs.get("attention_mask")))
+        if prefill.layer_inputs is not None and prefill.layer_inputs[0] == key:
+            return prefill.layer_inputs[1]
+        cos, sin = kwargs["position_embeddings"]
+        reduced: dict[str, Any] = {"position_embeddings": (gather_rows(cos, current.entry_index, seq_dim=-2),
+                                                           gather_rows(sin, current.entry_index, seq_dim=-2))}
+        if kwargs.get("position_ids") is not None:
+            reduced["position_ids"] = gather_positions(kwargs["position_ids"], current.entry_index)
+        valid = current.valid.to(hidden.device)
+        if prefill.model_mask_is_none and bool(valid.all()):
+            reduced["attention_mask"] = None  # keeps sdpa on its is_causal fast path
+        else:
+            reduced["attention_mask"] = format_mask(causal_key_mask(valid, valid.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
+        prefill.layer_inputs = (key, reduced)
+        return reduced
+
     def _record_layer(self, prefill: _Prefill) -> None:
-        origin = prefill.current.origin
-        visual_alive = prefill.visual.gather(1, origin.clamp(min=0)) & (origin >= 0)
-        self._report.visual_tokens_per_layer.append([int(n) for n in visual_alive.sum(1)])
-        for record in self._report.images:
-            image_alive = visual_alive[record.sample] & (prefill.image_of[record.sample].gather(0, origin[record.sample].clamp(min=0)) == record.image)
-            record.kept_per_layer.append(int(image_alive.sum()))
+        """Visual tokens each sample and image has at this layer; counted once per layout."""
+        if prefill.counted is None or prefill.counted[0] is not prefill.current:
+            origin = prefill.current.origin
+            visual_alive = prefill.visual.gather(1, origin.clamp(min=0)) & (origin >= 0)
+            per_image = [int((visual_alive[r.sample] & (prefill.image_of[r.sample].gather(0, origin[r.sample].clamp(min=0)) == r.image)).sum())
+                         for r in self._report.images]
+            prefill.counted = (prefill.current, [int(n) for n in visual_alive.sum(1)], per_image)
+        _, per_sample, per_image = prefill.counted
+        self._report.visual_tokens_per_layer.append(list(per_sample))
+        for record, count in zip(self._report.images, per_image):
+            record.kept_per_layer.append(count)
 
     def _decode_layer(self, index: int, kwargs: dict, args: tuple) -> tuple[tuple, dict] | None:
         state = self._cache_state
