@@ -5,10 +5,17 @@
 property (see :mod:`tokred.testing._checks`) on every registered adapter that has a tiny model.
 """
 
-from ._checks import CHECKS, ConformanceError, check_method, conformance_cases, tiny_inputs
+from ._checks import (
+    CHECKS,
+    ConformanceError,
+    check_method,
+    conformance_cases,
+    parametrize_with_checks,
+    tiny_inputs,
+)
 from ._tiny import FAMILIES, make_image, tiny_model
 
 __all__ = [
     "FAMILIES", "make_image", "tiny_model", "tiny_inputs",
-    "CHECKS", "ConformanceError", "check_method", "conformance_cases",
+    "CHECKS", "ConformanceError", "check_method", "conformance_cases", "parametrize_with_checks",
 ]

@@ -13,7 +13,7 @@ The properties (DESIGN.md section 6):
    match the schedule's promise and the run report;
 4. ``batch_invariance``: a left-padded batch of prompts of different lengths gives the same kept
    indices, last-token logits and generated tokens as each prompt alone;
-5. ``determinism_and_cleanup``: the same inputs give the same kept indices; every hook is gone
+5. ``determinism_and_cleanup``: the same inputs give the same kept indices and logits; every hook is gone
    after the ``with`` block, also when it is left by an exception;
 6. ``text_only_and_errors``: text-only prompts pass through untouched; impossible budgets and
    unknown options fail with tokred errors before any model call.
@@ -34,7 +34,7 @@ from ..registry import Registry, default_registry
 from ..runtime import apply
 from ._tiny import FAMILIES, make_image, tiny_model
 
-__all__ = ["ConformanceError", "CHECKS", "check_method", "conformance_cases", "tiny_inputs"]
+__all__ = ["ConformanceError", "CHECKS", "check_method", "conformance_cases", "parametrize_with_checks", "tiny_inputs"]
 
 _ATOL = 1e-5
 _BATCH_ATOL = 1e-4  # padding changes summation order inside the kernels
@@ -222,13 +222,16 @@ def check_determinism_and_cleanup(case: Case) -> None:
     inputs = tiny_inputs(processor, _PROMPTS[:1])
     expected = _logits(model, inputs)  # transformers installs its own output-capturing hooks on first use
     before = _hook_census(model)
-    kept = []
+    kept, logits = [], []
     for _ in range(2):
         with apply(model, case.method, registry=case.registry) as run:
-            _logits(model, inputs)
+            logits.append(_logits(model, inputs))
             kept.append(run.report.kept_indices)
     if kept[0] != kept[1]:
         raise case.fail("determinism_and_cleanup", "the same inputs gave different kept indices in two runs")
+    if not torch.equal(logits[0], logits[1]):  # same indices, different replacement features or merges
+        diff = (logits[0] - logits[1]).abs().max().item()
+        raise case.fail("determinism_and_cleanup", f"the same inputs gave logits differing by {diff:.3g} in two runs")
     if _hook_census(model) != before:
         raise case.fail("determinism_and_cleanup", "hooks or attention configs remain after the with block")
 
@@ -343,3 +346,38 @@ def check_method(
         for prop in selected:
             CHECKS[prop](case)
 
+
+def parametrize_with_checks(
+    methods: Sequence[str | Method],
+    families: Sequence[str] | None = None,
+    attn_implementations: Sequence[str] = ("sdpa", "eager"),
+    xfail: dict[str | tuple[str, str], str] | None = None,
+    *,
+    registry: Registry | None = None,
+) -> Any:
+    """A ``pytest.mark.parametrize`` over ``case, check``: one test per (method, family, attention
+    implementation, property), with ids like ``mymethod-llava-sdpa-cache_consistency``::
+
+        @parametrize_with_checks(["mymethod"])
+        def test_conformance(case, check):
+            check(case)
+
+    ``xfail`` maps a property name, or a ``(method name, property)`` pair, to a reason; those
+    tests are marked ``xfail(strict=True)``, so a fixed property shows up as a failure to update.
+    pytest is imported here, not at module import: tokred does not depend on it.
+    """
+    import pytest
+
+    xfail = dict(xfail or {})
+    unknown = sorted({key if isinstance(key, str) else key[1] for key in xfail} - set(CHECKS))
+    if unknown:
+        raise OptionsError(f"xfail names unknown checks {unknown}; valid: {list(CHECKS)}")
+    params = []
+    for method in methods:
+        for case in conformance_cases(method, families, attn_implementations, registry):
+            for prop, check in CHECKS.items():
+                reason = xfail.get((case.name, prop), xfail.get(prop))
+                marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason is not None else []
+                ident = f"{case.name}-{case.family}-{case.attn_implementation}-{prop}"
+                params.append(pytest.param(case, check, marks=marks, id=ident))
+    return pytest.mark.parametrize("case, check", params)
