@@ -20,6 +20,7 @@ Errors a user can cause print one ``tokred: error: ...`` line on stderr and retu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import importlib.util
 import inspect
@@ -47,6 +48,7 @@ from .bench import (
     machine_info,
     plot_speedups,
     selector_scaling,
+    timed,
 )
 from .errors import OptionsError, TokredError
 from .method import Method
@@ -292,19 +294,9 @@ def _cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     method = registry.create(args.method, **_method_options(args))
     images = [_open_image(path) for path in args.image]
     device = _resolve_device(args.device)
-    dtype: Any = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-
     _note(f"loading {args.model} (dtype {args.dtype}, attention {args.attn_implementation}, device {device}) ...")
-    started = time.perf_counter()
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(args.model)
-        model = transformers.AutoModelForImageTextToText.from_pretrained(
-            args.model, dtype=dtype, attn_implementation=args.attn_implementation
-        )
-    except OSError as exc:  # transformers' way of saying "not found / not a model directory"
-        raise CommandError(f"could not load {args.model!r}: {exc}") from None
-    model = model.to(device).eval()
-    _note(f"loaded {type(model).__name__} in {time.perf_counter() - started:.1f} s")
+    model, processor = _from_pretrained(args.model, args.dtype, args.attn_implementation, device)
+    model = model.eval()
 
     prompt = _chat_prompt(processor, len(images), args.prompt)
     inputs = processor(images=images, text=prompt, return_tensors="pt").to(device=device, dtype=model.dtype)
@@ -509,15 +501,9 @@ def _fill_counts(c: _Contender, report: RunReport) -> None:
 
 def _time_prefill(model: Any, inputs: Any, method: Method | None, registry: Registry) -> float:
     """Seconds of one plain forward pass over the prompt; installing the hooks is not timed."""
-    with torch.no_grad():
-        if method is None:
-            started = time.perf_counter()
-            model(**inputs)
-            return time.perf_counter() - started
-        with apply(model, method, registry=registry):
-            started = time.perf_counter()
-            model(**inputs)
-            return time.perf_counter() - started
+    scope = contextlib.nullcontext() if method is None else apply(model, method, registry=registry)
+    with torch.no_grad(), scope:
+        return timed(lambda: model(**inputs), model.device)
 
 
 def _demo_cells(c: _Contender) -> list[str]:
@@ -569,6 +555,21 @@ def _add_model_source(p: argparse.ArgumentParser, *, required: bool) -> None:
                         "flash-attn package and a CUDA device)")
 
 
+def _from_pretrained(model_id: str, dtype: str, attn_implementation: str, device: torch.device) -> tuple[Any, Any]:
+    """``(model, processor)`` of a hub id or local path, through the transformers Auto classes."""
+    started = time.perf_counter()
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(model_id)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            model_id, dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+            attn_implementation=attn_implementation)
+    except OSError as exc:  # transformers' way of saying "not found / not a model directory"
+        raise CommandError(f"could not load {model_id!r}: {exc}") from None
+    model = model.to(device)
+    _note(f"loaded {type(model).__name__} in {time.perf_counter() - started:.1f} s")
+    return model, processor
+
+
 def _load_model_source(args: argparse.Namespace) -> tuple[Any, Any, torch.device, str]:
     """``(model, processor, device, name)`` for ``--model`` / ``--preset``, in eval mode on its device."""
     device = _resolve_device(args.device)
@@ -590,16 +591,9 @@ def _load_model_source(args: argparse.Namespace) -> tuple[Any, Any, torch.device
         model = model.to(device=device, dtype=dtype)
         if attn != "sdpa":  # flash_attention_2 can only be chosen once the weights are on the GPU in half precision
             model.set_attn_implementation(attn)
+        _note(f"loaded {type(model).__name__} in {time.perf_counter() - started:.1f} s")
     else:
-        try:
-            processor = transformers.AutoProcessor.from_pretrained(args.model)
-            model = transformers.AutoModelForImageTextToText.from_pretrained(
-                args.model, dtype="auto" if args.dtype == "auto" else getattr(torch, args.dtype),
-                attn_implementation=attn)
-        except OSError as exc:  # transformers' way of saying "not found / not a model directory"
-            raise CommandError(f"could not load {args.model!r}: {exc}") from None
-        model = model.to(device)
-    _note(f"loaded {type(model).__name__} in {time.perf_counter() - started:.1f} s")
+        model, processor = _from_pretrained(args.model, args.dtype, attn, device)
     return model.eval(), processor, device, name
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import RuntimeStateError
 from ..tokens import ImageLayout
 
-__all__ = ["Adapter", "ImageSpan", "VisionProbes"]
+__all__ = ["Adapter", "ImageSpan", "VisionProbes", "split_runs"]
 
 
 @dataclass
@@ -218,5 +218,3 @@ def split_runs(input_ids: torch.Tensor, token_id: int, tokens_per_image: int) ->
             spans.append((row, chunk))
     return spans
 
-
-__all__ += ["split_runs"]
