@@ -130,7 +130,7 @@ def test_run_json_has_the_answer_and_the_full_report(
     assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert isinstance(data["answer"], str)
-    assert data["options"] == {"keep": 16, "keep_ratio": None, "seed": 3}
+    assert data["options"] == {"keep": 16, "keep_ratio": None, "spread": "image", "seed": 3}
     report = data["report"]
     assert report["visual_tokens_input"] == [576]
     assert report["visual_tokens_per_layer"] == [[16]] * 8

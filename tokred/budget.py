@@ -11,17 +11,22 @@ Rules (documented in the user guide and tested):
   when the image is seen, before the language model runs. ``keep == N`` keeps everything.
   A method may build a *derived* budget with ``at_most_all=True`` (STAR's "twice the final
   budget"), which keeps all ``N`` tokens when ``keep > N``; what a user types never clamps.
+* tiled images (LLaVA-NeXT, InternVL) are one image: ``keep`` counts over all of its tiles and its
+  thumbnail, and ``keep_ratio`` is relative to all of their tokens. ``spread="tiles"`` splits each
+  image's budget over its tiles in proportion to their token counts
+  (:func:`split_proportionally`) and reduces every tile on its own; untiled images are one tile.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import BudgetError
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "split_proportionally"]
 
 
 class Budget(BaseModel):
@@ -37,6 +42,12 @@ class Budget(BaseModel):
         False,
         description="keep larger than an image's token count keeps all of them instead of raising; for derived "
         "budgets such as 'twice the final budget', never for what a user typed.",
+    )
+    spread: Literal["image", "tiles"] = Field(
+        "image",
+        description="'image': the stage ranks all of an image's tokens together (tiles and thumbnail alike); "
+        "'tiles': the image's budget is split over its tiles in proportion to their token counts (largest "
+        "remainder) and each tile is reduced on its own. Untiled images are one tile.",
     )
 
     @model_validator(mode="after")
@@ -66,6 +77,31 @@ class Budget(BaseModel):
         return max(1, min(num_tokens, math.floor(self.keep_ratio * num_tokens + 0.5)))
 
     def describe(self) -> str:
+        tiles = ", spread over tiles" if self.spread == "tiles" else ""
         if self.keep_ratio is not None:
-            return f"keep_ratio={self.keep_ratio:g}"
-        return f"keep={self.keep}" + (" (at most all)" if self.at_most_all else "")
+            return f"keep_ratio={self.keep_ratio:g}{tiles}"
+        return f"keep={self.keep}" + (" (at most all)" if self.at_most_all else "") + tiles
+
+
+def split_proportionally(k: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``k`` tokens over groups of ``sizes`` tokens in proportion to their sizes.
+
+    Largest-remainder (Hamilton) apportionment in exact integer arithmetic: every group first gets
+    ``floor(k * size / total)``, and the tokens left over go to the largest remainders, ties to the
+    earlier group. The parts sum to ``k`` and none exceeds its group's size (for ``k <= total``).
+
+    >>> split_proportionally(10, [64, 64, 64, 64, 64])
+    [2, 2, 2, 2, 2]
+    >>> split_proportionally(7, [144, 144, 144, 144, 150])
+    [2, 1, 1, 1, 2]
+    """
+    total = sum(sizes)
+    if not 0 <= k <= total:
+        raise BudgetError(f"cannot split {k} tokens over groups holding {total}")
+    if total == 0:
+        return [0] * len(sizes)
+    parts = [k * size // total for size in sizes]
+    remainders = [k * size % total for size in sizes]
+    for index in sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))[: k - sum(parts)]:
+        parts[index] += 1
+    return parts

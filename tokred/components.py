@@ -64,7 +64,8 @@ class Selector(Component):
 class Gate(Component):
     """Stage II: decides, at one decoder layer, which of a sample's alive visual tokens stay.
 
-    Subclasses override :meth:`score` (ranked per image against ``state.keep_per_image``) or
+    Subclasses override :meth:`score` (ranked per image against ``state.keep_per_image``, or per
+    tile against ``state.keep_per_tile`` when the budget is spread over tiles) or
     :meth:`select` (free choice, e.g. all-or-none). Tokens not returned are removed from this layer
     on, for the rest of the prefill and for every decoding step.
     """
@@ -85,6 +86,13 @@ class Gate(Component):
             raise ValueError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, expected ({state.num_visual},)")
         kept = []
         for image, k in enumerate(state.keep_per_image):
-            members = torch.nonzero(state.visual_image == image).flatten()
-            kept.append(members[top_k_indices(scores[members], k)])
+            in_image = state.visual_image == image
+            if state.keep_per_tile is None or state.visual_tile is None:
+                groups = [(in_image, k)]
+            else:
+                groups = [(in_image & (state.visual_tile == tile), k_tile)
+                          for tile, k_tile in enumerate(state.keep_per_tile[image])]
+            for in_group, k_group in groups:
+                members = torch.nonzero(in_group).flatten()
+                kept.append(members[top_k_indices(scores[members], k_group)])
         return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)

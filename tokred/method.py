@@ -7,7 +7,7 @@ A method is a small pydantic model: its fields are the user-facing options (vali
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,6 +64,11 @@ class BudgetOptions(BaseModel):
     keep_ratio: float | None = Field(
         None, description="Fraction of each image's visual tokens to keep, in (0, 1]. Excludes keep."
     )
+    spread: Literal["image", "tiles"] = Field(
+        "image",
+        description="'image': rank all of an image's tokens together; 'tiles': split each image's budget over "
+        "its tiles in proportion to their token counts and reduce every tile on its own (tiled models).",
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> BudgetOptions:
@@ -80,5 +85,5 @@ class BudgetOptions(BaseModel):
     @property
     def budget(self) -> Budget:
         if self.keep is None and self.keep_ratio is None:
-            return Budget(keep_ratio=type(self).default_keep_ratio)
-        return Budget(keep=self.keep, keep_ratio=self.keep_ratio)
+            return Budget(keep_ratio=type(self).default_keep_ratio, spread=self.spread)
+        return Budget(keep=self.keep, keep_ratio=self.keep_ratio, spread=self.spread)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
+import inspect
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import pluggy
 from pydantic import ValidationError
@@ -256,17 +257,34 @@ class Registry:
                     return entry.name
         raise OptionsError(f"{cls.__qualname__} is not registered; register it through a plugin to serialise it")
 
-    def adapter_for(self, model: nn.Module) -> Adapter:
-        """An adapter instance for ``model``: the one naming the most specific class in its MRO."""
+    def adapter_for(self, model: nn.Module, options: Mapping[str, Any] | None = None) -> Adapter:
+        """An adapter instance for ``model``: the one naming the most specific class in its MRO.
+
+        ``options`` are the adapter's own keyword options (e.g. LLaVA-NeXT's ``newline_tokens``);
+        unknown ones raise :class:`OptionsError` naming the valid ones.
+        """
         adapters = self.entries("adapter")
         for cls in type(model).__mro__:
             for entry in adapters:
                 if cls.__name__ in entry.obj.model_classes:  # type: ignore[attr-defined]
-                    return entry.obj(model, family=entry.name)  # type: ignore[return-value]
+                    return _adapter_instance(entry, model, dict(options or {}))
         supported = sorted(c for e in adapters for c in e.obj.model_classes)  # type: ignore[attr-defined]
         raise UnsupportedModelError(
             f"no tokred adapter handles {type(model).__name__}; supported model classes: {', '.join(supported) or 'none'}"
         )
+
+
+def _adapter_instance(entry: Entry, model: nn.Module, options: dict[str, Any]) -> Adapter:
+    parameters = inspect.signature(entry.obj).parameters
+    valid = sorted(name for name, p in parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("family",))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise OptionsError(
+            f"adapter {entry.name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(valid) if valid else 'none'}"
+        )
+    return entry.obj(model, family=entry.name, **options)  # type: ignore[no-any-return]
 
 
 def _instantiate(entry: Entry, options: dict[str, Any]) -> Any:

@@ -66,6 +66,23 @@ class ImageLayout:
     def num_tokens(self) -> int:
         return int(self.tile.numel())
 
+    @property
+    def num_tiles(self) -> int:
+        return len(self.grids)
+
+    def tile_view(self, tile: int) -> tuple[torch.Tensor, ImageLayout]:
+        """The tokens of one tile: their indices ``[n]`` into this layout and the layout of that
+        tile seen as an image of its own (one tile, which is its own whole view)."""
+        index = torch.nonzero(self.tile == tile).flatten()
+        return index, ImageLayout(
+            tile=torch.zeros(index.numel(), dtype=torch.long),
+            row=self.row[index],
+            col=self.col[index],
+            grids=(self.grids[tile],),
+            thumbnail_tile=0,
+            extra=None if self.extra is None else self.extra[index],
+        )
+
     def thumbnail_mask(self) -> torch.Tensor:
         """``[N]`` bool: the tokens of the global view (all tokens when untiled)."""
         if self.thumbnail_tile is None:
@@ -130,6 +147,11 @@ class GateState:
         visual_token: ``[V]`` long, each alive visual token's index within its image.
         keep_per_image: the number of tokens to keep for each image of the sample (from the gate's
             budget), or ``None`` when the gate has no budget and decides itself (all-or-none gates).
+        visual_tile: ``[V]`` long, the tile (within its image) of each alive visual token; 0 for
+            untiled images.
+        keep_per_tile: with a budget spread over tiles (``Budget(spread="tiles")``), for each image
+            the number of tokens to keep of each of its tiles (indexed by tile; they sum to
+            ``keep_per_image``), else ``None``. :meth:`Gate.select` ranks within each tile then.
         num_instruction: number of instruction-text positions.
         num_system: number of system-text positions.
         hidden_states: ``[L, D]`` this sample's hidden states entering the layer (padding removed).
@@ -143,6 +165,8 @@ class GateState:
     num_instruction: int
     num_system: int
     hidden_states: torch.Tensor
+    visual_tile: torch.Tensor | None = None
+    keep_per_tile: list[list[int]] | None = None
     _attention: Callable[[AttentionRole, AttentionRole], torch.Tensor] = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property

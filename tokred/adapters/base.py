@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import RuntimeStateError
 from ..tokens import ImageLayout
 
-__all__ = ["Adapter", "ImageSpan", "VisionProbes", "split_runs"]
+__all__ = ["Adapter", "ImageSpan", "VisionProbes", "split_image_tokens", "split_runs"]
 
 
 @dataclass
@@ -31,6 +31,11 @@ class ImageSpan:
         positions: ``[N]`` long, the sequence positions of its tokens, increasing.
         layout: the spatial layout of those tokens.
         encoder_index: the image's index in the vision encoder's batch (for probes).
+        probe_rows: ``[N]`` long or ``None``. For images the vision encoder saw as several rows
+            (tiles), where each token's probe values sit in the row-major concatenation of the
+            captured per-row values (row ``r``, cell ``c`` -> ``r * cells + c``); -1 for tokens with
+            no vision-side source (LLaVA-NeXT newline tokens). ``None``: the image is encoder row
+            ``encoder_index`` and its tokens are that row's cells in order.
     """
 
     sample: int
@@ -38,6 +43,7 @@ class ImageSpan:
     positions: torch.Tensor
     layout: ImageLayout
     encoder_index: int
+    probe_rows: torch.Tensor | None = None
 
 
 class VisionProbes:
@@ -58,8 +64,12 @@ class VisionProbes:
 class Adapter:
     """Base class of model adapters. Subclasses set ``model_classes`` and override what differs.
 
+    Adapters with options (LLaVA-NeXT's newline tokens, say) take them as keyword arguments of
+    ``__init__``; users pass them through ``tokred.apply(model, method, adapter_options={...})``.
+
     Args:
         model: the ``transformers`` model instance the adapter serves.
+        family: the registered family name.
     """
 
     #: ``transformers`` class names this adapter handles (matched against the model's MRO).
@@ -104,6 +114,35 @@ class Adapter:
         return None
 
     # ---------------------------------------------------------------- prefill
+
+    def probe_values(self, probes: VisionProbes, name: str, span: ImageSpan) -> torch.Tensor:
+        """What the probes captured under ``name`` for one image: ``[N]`` (``cls_attention``) or
+        ``[N, D_v]`` (``pre_projector``), aligned with the image's tokens.
+
+        Images seen as one encoder row take that row; tiled images gather their tokens' cells
+        through :attr:`ImageSpan.probe_rows` (tokens without a source get zeros: no [CLS] attention
+        reaches a token the vision encoder never saw). Missing captures are a bug, never a fallback.
+        """
+        values: list[torch.Tensor] = getattr(probes, name)
+        if span.probe_rows is None:
+            if span.encoder_index >= len(values):
+                raise RuntimeStateError(
+                    f"the {self.family} adapter promised {name} but captured {len(values)} values for image "
+                    f"{span.encoder_index}; was the vision tower called outside the model's forward?"
+                )
+            return values[span.encoder_index]
+        needed = int(span.probe_rows.max()) + 1 if span.probe_rows.numel() else 0
+        cells = int(values[0].shape[0]) if values else 0
+        if cells == 0 or needed > cells * len(values):
+            raise RuntimeStateError(
+                f"the {self.family} adapter promised {name} but captured {len(values)} encoder rows, fewer than "
+                f"image {span.image} of sample {span.sample} needs; was the vision tower called outside the model's forward?"
+            )
+        flat = torch.cat(values, dim=0)                                        # [rows * cells, ...]
+        rows = span.probe_rows.to(flat.device)
+        gathered = flat[rows.clamp(min=0)]
+        missing = (rows < 0).view(-1, *([1] * (gathered.dim() - 1)))
+        return gathered.masked_fill(missing, 0)
 
     def available_inputs(self) -> frozenset[str]:
         """The optional selector inputs this model can provide (``"cls_attention"``,
@@ -181,9 +220,11 @@ class Adapter:
         Default rule, which holds for chat templates that put images before the question
         (LLaVA, Qwen-VL, InternVL): system text is every real text token before a row's first
         visual token; instruction text is every real text token after it. Rows without images
-        have neither. Adapters whose templates differ override this.
+        have neither. Image-token positions that are not candidates for pruning (LLaVA-NeXT's
+        newline tokens, by default) are text of neither kind. Adapters whose templates differ
+        override this.
         """
-        text = attention_mask.bool() & ~visual
+        text = attention_mask.bool() & ~visual & (input_ids != self.image_token_id())
         seen_visual = torch.cumsum(visual.long(), dim=1) > 0
         has_visual = visual.any(dim=1, keepdim=True)
         return text & seen_visual & has_visual, text & ~seen_visual & has_visual
@@ -218,3 +259,32 @@ def split_runs(input_ids: torch.Tensor, token_id: int, tokens_per_image: int) ->
             spans.append((row, chunk))
     return spans
 
+
+
+def split_image_tokens(input_ids: torch.Tensor, token_id: int, counts: Sequence[int] | None) -> list[tuple[int, torch.Tensor]]:
+    """``(row, positions [N_i])`` per image, row-major over the batch (the order in which models
+    scatter image features). With ``counts``, each row's ``token_id`` positions are cut into images
+    of those sizes in order; without, each contiguous run is one image."""
+    chunks: list[tuple[int, torch.Tensor]] = []
+    sizes = iter(counts) if counts is not None else None
+    for row in range(input_ids.shape[0]):
+        positions = torch.nonzero(input_ids[row] == token_id).flatten().cpu()
+        if positions.numel() == 0:
+            continue
+        if sizes is None:
+            breaks = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
+            chunks += [(row, p) for p in torch.tensor_split(positions, breaks)]
+            continue
+        start = 0
+        while start < positions.numel():
+            n = next(sizes, None)
+            if n is None or start + n > positions.numel():
+                raise RuntimeStateError(
+                    f"row {row} has {positions.numel()} image tokens, which do not split into the images' "
+                    f"token counts {list(counts or [])}"
+                )
+            chunks.append((row, positions[start:start + n]))
+            start += n
+    if sizes is not None and next(sizes, None) is not None:
+        raise RuntimeStateError(f"the input holds fewer image tokens than the images' token counts {list(counts or [])}")
+    return chunks

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import RuntimeStateError, ScheduleError
 from ..tokens import ImageLayout
-from .base import Adapter, ImageSpan, VisionProbes
+from .base import Adapter, ImageSpan, VisionProbes, split_image_tokens
 
 __all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "merged_layout"]
 
@@ -115,7 +115,7 @@ class QwenVLAdapter(Adapter):
             )
         counts = self._image_token_counts(inputs)
         grids = self.image_grids(inputs)
-        chunks = _split_image_tokens(input_ids, self.image_token_id(), counts)
+        chunks = split_image_tokens(input_ids, self.image_token_id(), counts)
         spans: list[ImageSpan] = []
         per_row: dict[int, int] = {}
         for encoder_index, (row, positions) in enumerate(chunks):
@@ -250,31 +250,3 @@ def _reduce_visual_mask(mask: torch.Tensor, index: torch.Tensor) -> tuple[torch.
     old_rank = (torch.cumsum(mask.flatten().long(), 0) - 1).view_as(mask)        # [B, L]
     rows = old_rank.gather(1, safe)[new_mask]
     return new_mask, rows
-
-
-def _split_image_tokens(input_ids: torch.Tensor, token_id: int, counts: list[int] | None) -> list[tuple[int, torch.Tensor]]:
-    """``(row, positions [N_i])`` per image, row-major. With ``counts``, consecutive image tokens of a
-    row are cut into images of those sizes in order; without, each contiguous run is one image."""
-    chunks: list[tuple[int, torch.Tensor]] = []
-    sizes = iter(counts) if counts is not None else None
-    for row in range(input_ids.shape[0]):
-        positions = torch.nonzero(input_ids[row] == token_id).flatten().cpu()
-        if positions.numel() == 0:
-            continue
-        if sizes is None:
-            breaks = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
-            chunks += [(row, p) for p in torch.tensor_split(positions, breaks)]
-            continue
-        start = 0
-        while start < positions.numel():
-            n = next(sizes, None)
-            if n is None or start + n > positions.numel():
-                raise RuntimeStateError(
-                    f"row {row} has {positions.numel()} image tokens, which do not split into the images' "
-                    f"token counts {counts}"
-                )
-            chunks.append((row, positions[start:start + n]))
-            start += n
-    if sizes is not None and next(sizes, None) is not None:
-        raise RuntimeStateError(f"the input holds fewer image tokens than the images' token counts {counts}")
-    return chunks

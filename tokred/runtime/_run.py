@@ -25,14 +25,14 @@ import contextlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
 from ..adapters.base import Adapter, ImageSpan, VisionProbes
-from ..budget import Budget
+from ..budget import Budget, split_proportionally
 from ..components import Gate, Selector
 from ..errors import BudgetError, MethodContractError, RuntimeStateError
 from ..method import Method
@@ -47,7 +47,8 @@ __all__ = ["Run", "apply"]
 _active_runs: "weakref.WeakKeyDictionary[nn.Module, Run]" = weakref.WeakKeyDictionary()
 
 
-def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None) -> Run:
+def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None,
+          adapter_options: Mapping[str, Any] | None = None) -> Run:
     """Prepare a scoped application of ``method`` to ``model``; use it as a context manager.
 
     Everything that can be checked without data is checked here, before any forward pass: the
@@ -59,6 +60,8 @@ def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None) 
         method: a :class:`~tokred.Method` (``tokred.create(...)``) or a hand-built
             :class:`~tokred.Schedule`.
         registry: the registry to find the adapter in; default: :func:`tokred.default_registry`.
+        adapter_options: options of the model's adapter, e.g. ``{"newline_tokens": "prune"}`` for
+            LLaVA-NeXT (see the adapter's documentation); unknown ones raise ``OptionsError``.
 
     Returns:
         A :class:`Run`. ``with apply(model, method) as run:`` installs the hooks; leaving the block
@@ -73,7 +76,7 @@ def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None) 
         schedule, name = method, "schedule"
     else:
         raise TypeError(f"apply() takes a tokred Method or Schedule, got {type(method).__name__}")
-    adapter = registry.adapter_for(model)
+    adapter = registry.adapter_for(model, adapter_options)
     return Run(model, adapter, schedule, name)
 
 
@@ -122,9 +125,11 @@ class _Prefill:
     visual: torch.Tensor
     image_of: torch.Tensor
     token_of: torch.Tensor
+    tile_of: torch.Tensor
     instruction: torch.Tensor
     system: torch.Tensor
     image_sizes: list[list[int]]
+    tile_counts: list[list[int]]
     entry: _Layout
     current: _Layout
     gate_layers: dict[int, int]
@@ -369,12 +374,16 @@ class Run:
         visual = torch.zeros(batch, length, dtype=torch.bool)
         image_of = torch.full((batch, length), -1, dtype=torch.long)
         token_of = torch.full((batch, length), -1, dtype=torch.long)
+        tile_of = torch.full((batch, length), -1, dtype=torch.long)
         image_sizes: list[list[int]] = [[] for _ in range(batch)]
+        tile_counts: list[list[int]] = [[] for _ in range(batch)]
         for span in spans:
             visual[span.sample, span.positions] = True
             image_of[span.sample, span.positions] = span.image
             token_of[span.sample, span.positions] = torch.arange(span.positions.numel())
+            tile_of[span.sample, span.positions] = span.layout.tile
             image_sizes[span.sample].append(span.positions.numel())
+            tile_counts[span.sample].append(span.layout.num_tiles)
         instruction, system = self.adapter.text_roles(input_ids.cpu(), mask2d.cpu(), visual)
         full_positions = self.adapter.full_position_ids(kwargs.get("position_ids"), input_ids, mask, past_length=0)
         report.visual_tokens_input = [int(n) for n in visual.sum(1)]
@@ -411,8 +420,8 @@ class Run:
         entry_local = torch.arange(origin.shape[1]).expand(batch, -1).clone()
         entry = _Layout(origin, entry_local.masked_fill(origin < 0, 0))
         self._prefill = _Prefill(
-            spans=spans, visual=visual, image_of=image_of, token_of=token_of, instruction=instruction,
-            system=system, image_sizes=image_sizes, entry=entry, current=entry,
+            spans=spans, visual=visual, image_of=image_of, token_of=token_of, tile_of=tile_of,
+            instruction=instruction, system=system, image_sizes=image_sizes, tile_counts=tile_counts, entry=entry, current=entry,
             gate_layers={layer: i for i, layer in enumerate(self.gate_layers)},
         )
         shift = self._renumber_shift(real.cpu(), keep)
@@ -452,28 +461,55 @@ class Run:
         tokens = VisualTokens(
             features=embeds[span.sample, span.positions.to(embeds.device)],
             layout=span.layout,
-            pre_projector=self._probe("pre_projector", span.encoder_index),
-            cls_attention=self._probe("cls_attention", span.encoder_index),
+            pre_projector=self._probe("pre_projector", span),
+            cls_attention=self._probe("cls_attention", span),
             sample_index=span.sample,
             image_index=span.image,
         )
         k = stage.budget.tokens_for(n)
-        selection = _check_selection(stage.selector, stage.selector.select(tokens, k), n, k, embeds.shape[-1])
+        if stage.budget.spread == "tiles" and span.layout.num_tiles > 1:
+            selection = self._select_per_tile(stage.selector, tokens, k)
+        else:
+            selection = _check_selection(stage.selector, stage.selector.select(tokens, k), n, k, embeds.shape[-1])
         self._decisions.stage1[key] = selection
         return selection
 
-    def _probe(self, name: str, encoder_index: int) -> torch.Tensor | None:
-        """What the vision probes captured for one image, or None where the model cannot provide
-        it. Missing data the adapter promised is a bug, never a silent fallback."""
+    @staticmethod
+    def _select_per_tile(selector: Selector, tokens: VisualTokens, k: int) -> Selection:
+        """``Budget(spread="tiles")``: ``k`` split over the tiles in proportion to their token counts,
+        and the selector run on every tile as if it were an image of its own."""
+        layout = tokens.layout
+        views = [layout.tile_view(tile) for tile in range(layout.num_tiles)]
+        shares = split_proportionally(k, [index.numel() for index, _ in views])
+        kept: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
+        merged = False
+        for (index, tile_layout), share in zip(views, shares):
+            if share == 0:
+                continue
+            device_index = index.to(tokens.features.device)
+            part = VisualTokens(
+                features=tokens.features[device_index],
+                layout=tile_layout,
+                pre_projector=None if tokens.pre_projector is None else tokens.pre_projector[index.to(tokens.pre_projector.device)],
+                cls_attention=None if tokens.cls_attention is None else tokens.cls_attention[index.to(tokens.cls_attention.device)],
+                sample_index=tokens.sample_index,
+                image_index=tokens.image_index,
+            )
+            chosen = _check_selection(selector, selector.select(part, share), index.numel(), share, tokens.features.shape[-1])
+            kept.append(index[chosen.indices])
+            merged |= chosen.features is not None
+            features.append(chosen.features if chosen.features is not None else part.features[chosen.indices.to(device_index.device)])
+        indices = torch.cat(kept)
+        order = torch.argsort(indices)
+        return Selection(indices[order], torch.cat(features)[order.to(tokens.features.device)] if merged else None)
+
+    def _probe(self, name: str, span: ImageSpan) -> torch.Tensor | None:
+        """What the vision probes captured for one image, or None where the selector did not ask
+        for it or the model cannot provide it (the adapter raises when it promised and failed)."""
         if name not in self.schedule.selector.selector.inputs or name not in self.adapter.available_inputs():  # type: ignore[union-attr]
             return None
-        values: list[torch.Tensor] = getattr(self._probes, name)
-        if encoder_index >= len(values):
-            raise RuntimeStateError(
-                f"the {self.adapter.family} adapter promised {name} but captured {len(values)} values for image "
-                f"{encoder_index}; was the vision tower called outside the model's forward?"
-            )
-        return values[encoder_index]
+        return self.adapter.probe_values(self._probes, name, span)
 
     # ------------------------------------------------------------ decode steps
 
@@ -636,7 +672,8 @@ class Run:
                 kept_local = visual_local[torch.isin(visual_origin, self._decisions.gates[key])]
             else:
                 state = self._gate_state(layer, sample, prefill, stage.budget, visual_local, valid[sample], hidden, stash)
-                chosen = _check_gate_choice(stage.gate, stage.gate.select(state), state)
+                with torch.no_grad():  # decisions only; never build an autograd graph on attention
+                    chosen = _check_gate_choice(stage.gate, stage.gate.select(state), state)
                 kept_local = visual_local[chosen]
                 self._decisions.gates[(layer, sample)] = origin[sample, kept_local]
             keep[sample, visual_local] = False
@@ -656,7 +693,9 @@ class Run:
         origin = prefill.current.origin[sample].clamp(min=0)
         visual_image = prefill.image_of[sample, origin[visual_local]]
         visual_token = prefill.token_of[sample, origin[visual_local]]
+        visual_tile = prefill.tile_of[sample, origin[visual_local]]
         keep_per_image = None
+        keep_per_tile = None
         if budget is not None:
             keep_per_image = []
             for image, size in enumerate(prefill.image_sizes[sample]):
@@ -668,6 +707,13 @@ class Run:
                         f"{alive} are alive there after earlier stages"
                     )
                 keep_per_image.append(k)
+            if budget.spread == "tiles":
+                # In proportion to the tokens each tile still has at this layer, so no tile is asked
+                # for more than it holds after earlier stages.
+                keep_per_tile = [
+                    split_proportionally(k, torch.bincount(visual_tile[visual_image == image], minlength=tiles).tolist())
+                    for image, (k, tiles) in enumerate(zip(keep_per_image, prefill.tile_counts[sample]))
+                ]
         roles = {
             "instruction": torch.nonzero(valid & prefill.instruction[sample, origin]).flatten(),
             "system": torch.nonzero(valid & prefill.system[sample, origin]).flatten(),
@@ -685,7 +731,7 @@ class Run:
 
         return GateState(
             layer=layer, sample_index=sample, visual_image=visual_image, visual_token=visual_token,
-            keep_per_image=keep_per_image, num_instruction=int(roles["instruction"].numel()),
+            keep_per_image=keep_per_image, visual_tile=visual_tile, keep_per_tile=keep_per_tile, num_instruction=int(roles["instruction"].numel()),
             num_system=int(roles["system"].numel()), hidden_states=hidden[sample, valid.to(hidden.device)],
             _attention=attention,
         )
@@ -749,4 +795,13 @@ def _check_gate_choice(gate: Gate, chosen: torch.Tensor, state: GateState) -> to
         counts = torch.bincount(state.visual_image[chosen], minlength=len(state.keep_per_image)).tolist()
         if counts != list(state.keep_per_image):
             raise MethodContractError(f"{name}.select kept {counts} tokens per image; the budget is exactly {state.keep_per_image}")
+    if state.keep_per_tile is not None and state.visual_tile is not None:
+        for image, wanted in enumerate(state.keep_per_tile):
+            tiles = state.visual_tile[chosen][state.visual_image[chosen] == image]
+            counts = torch.bincount(tiles, minlength=len(wanted)).tolist()
+            if counts != list(wanted):
+                raise MethodContractError(
+                    f"{name}.select kept {counts} tokens per tile of image {image}; the budget spread over tiles is "
+                    f"exactly {wanted} (a gate that overrides select() must honour state.keep_per_tile)"
+                )
     return torch.sort(chosen).values

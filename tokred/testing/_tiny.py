@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from ._bpe import train_byte_level_bpe
 
 from ._tiny_qwen import QWEN_BUILDERS
+from ._tiny_tiled import TILED_BUILDERS
 
 __all__ = ["FAMILIES", "make_image", "tiny_model"]
 
@@ -156,7 +157,9 @@ _Builder = Callable[
 # family -> (builder, default dimensions). Adding a family means adding one entry here.
 _BUILDERS: dict[str, tuple[_Builder, dict[str, Any]]] = {
     "llava": (_build_llava, _LLAVA_DEFAULTS),
+    "llava_next": TILED_BUILDERS["llava_next"],
     **QWEN_BUILDERS,
+    "internvl": TILED_BUILDERS["internvl"],
 }
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)

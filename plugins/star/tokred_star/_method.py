@@ -113,12 +113,12 @@ class StarMethod(BudgetOptions, Method):
         if not self.stage2:
             return self.budget
         if self.stage1_keep is not None or self.stage1_keep_ratio is not None:
-            return Budget(keep=self.stage1_keep, keep_ratio=self.stage1_keep_ratio)
+            return Budget(keep=self.stage1_keep, keep_ratio=self.stage1_keep_ratio, spread=self.spread)
         final = self.budget
         if final.keep_ratio is not None:
-            return Budget(keep_ratio=min(1.0, 2 * final.keep_ratio))
+            return Budget(keep_ratio=min(1.0, 2 * final.keep_ratio), spread=self.spread)
         assert final.keep is not None
-        return Budget(keep=2 * final.keep, at_most_all=True)  # derived, never what the user typed
+        return Budget(keep=2 * final.keep, at_most_all=True, spread=self.spread)  # derived, never what the user typed
 
     def schedule(self) -> Schedule:
         """Stage I as the Selector stage, stage II as one GateStage at ``gate_layer`` (each if switched on)."""

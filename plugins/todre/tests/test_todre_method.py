@@ -113,7 +113,7 @@ def test_tokred_list_shows_todre_from_tokred_todre(capsys: pytest.CaptureFixture
     listing = json.loads(capsys.readouterr().out)
     assert [(m["name"], m["distribution"]) for m in listing["methods"]] == [("todre", "tokred-todre")]
     assert set(listing["methods"][0]["options"]) == {
-        "keep", "keep_ratio", "objective", "pivot", "tau", "gate_layer", "stage1", "stage2"}
+        "keep", "keep_ratio", "spread", "objective", "pivot", "tau", "gate_layer", "stage1", "stage2"}
     assert [s["name"] for s in listing["selectors"]] == ["todre.diversity"]
     assert [g["name"] for g in listing["gates"]] == ["todre.migration"]
     assert tokred_main(["list"]) == 0

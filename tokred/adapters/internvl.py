@@ -1,0 +1,167 @@
+"""InternVL (``InternVLForConditionalGeneration``, the transformers-native InternVL3-hf models).
+
+How the model lays out one image, measured on ``transformers`` 5.23:
+
+* The processor (``crop_to_patches``) cuts the image into up to ``max_patches`` tiles of the vision
+  tower's size on the grid whose aspect ratio is closest to the image's, and, when there is more than
+  one tile, appends a **thumbnail** of the whole image as the *last* tile (``use_thumbnail``).
+* InternViT encodes each tile (one encoder row each) with a [CLS] token; the [CLS] is dropped, the
+  ``s x s`` patch grid (``s = 32`` for 448 px tiles of 14 px) is pixel-shuffled 2x2 into
+  ``(s/2) x (s/2)`` merged tokens (256) whose features concatenate the four patches', and projected.
+* The sequence holds ``<img>``, then ``256 x tiles`` context tokens (tile by tile, row-major
+  within a tile), then ``</img>``. The tile grid's arrangement is not recorded anywhere the model
+  sees; the layout therefore numbers tiles in encoder order, and only which tile is the thumbnail
+  matters to methods.
+
+[CLS] attention (ToDRE's pivot): each tile's [CLS] row at the vision feature layer, averaged over
+heads, ``[s * s]``; the attention of the four patches that pixel shuffle merges into one token is
+**summed** onto that token (the merged token's share of the [CLS] attention; the mean would rank the
+same). The grouping is computed by running the model's own ``pixel_shuffle`` on the attention map,
+so it follows the model's patch order exactly. Pre-projector features are the pixel-shuffled features
+``[256, 4 * D_v]`` that enter the projector.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..errors import RuntimeStateError
+from ..runtime._attention import observe_attention
+from ..tokens import ImageLayout
+from .base import Adapter, ImageSpan, VisionProbes, split_image_tokens
+
+__all__ = ["InternVLAdapter", "tiles_layout"]
+
+
+def tiles_layout(tiles: int, side: int, thumbnail_last: bool) -> ImageLayout:
+    """Layout of an image of ``tiles`` tiles of ``side x side`` tokens each, tile by tile, row-major.
+    With more than one tile and ``thumbnail_last``, the last tile is the thumbnail; a single tile is
+    the whole image."""
+    cells = torch.arange(tiles * side * side)
+    within = cells % (side * side)
+    return ImageLayout(
+        tile=cells // (side * side),
+        row=within // side,
+        col=within % side,
+        grids=((side, side),) * tiles,
+        thumbnail_tile=(tiles - 1 if thumbnail_last else None) if tiles > 1 else 0,
+    )
+
+
+class InternVLAdapter(Adapter):
+    """Adapter for InternVL (tiles + thumbnail last, 2x2 pixel shuffle).
+
+    Args:
+        model: an ``InternVLForConditionalGeneration``.
+        use_thumbnail: whether the processor appended a thumbnail to multi-tile images (the released
+            processors' default, ``True``). The model cannot tell; with ``False`` tiled images have no
+            thumbnail and methods that look for one use every tile instead.
+    """
+
+    model_classes = ("InternVLForConditionalGeneration",)
+
+    def __init__(self, model: nn.Module, family: str | None = None, *, use_thumbnail: bool = True) -> None:
+        super().__init__(model, family)
+        self.use_thumbnail = bool(use_thumbnail)
+
+    # ----------------------------------------------------------------- geometry
+
+    def _patch_side(self) -> int:
+        vision = self.model.config.vision_config  # type: ignore[union-attr]
+        size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+        patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+        return int(size) // int(patch)
+
+    def _token_side(self) -> int:
+        return int(self._patch_side() * float(self.model.config.downsample_ratio))  # type: ignore[union-attr]
+
+    def tokens_per_tile(self) -> int:
+        return self._token_side() ** 2
+
+    def check_model_state(self) -> None:
+        super().check_model_state()
+        if self.model.config.vision_feature_select_strategy != "default":  # type: ignore[union-attr]
+            raise RuntimeStateError("InternVL with vision_feature_select_strategy other than 'default' is not supported")
+
+    # ------------------------------------------------------------------- images
+
+    def _tile_counts(self, input_ids: torch.Tensor) -> list[int]:
+        """Tiles per image in encoder order: each image is one run of context tokens between
+        ``<img>`` and ``</img>``, a whole number of tiles long."""
+        per_tile = self.tokens_per_tile()
+        counts = []
+        for row, positions in split_image_tokens(input_ids, self.image_token_id(), None):
+            if positions.numel() % per_tile:
+                raise RuntimeStateError(
+                    f"row {row} has an image of {positions.numel()} tokens, not a multiple of {per_tile} per tile"
+                )
+            counts.append(positions.numel() // per_tile)
+        return counts
+
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        side, per_tile = self._token_side(), self.tokens_per_tile()
+        tiles = self._tile_counts(input_ids)
+        spans: list[ImageSpan] = []
+        per_row: dict[int, int] = {}
+        first_tile = 0
+        for encoder_index, ((row, positions), count) in enumerate(
+            zip(split_image_tokens(input_ids, self.image_token_id(), [t * per_tile for t in tiles]), tiles)
+        ):
+            image = per_row.get(row, 0)
+            per_row[row] = image + 1
+            probe_rows = torch.arange(positions.numel()) + first_tile * per_tile
+            first_tile += count
+            spans.append(ImageSpan(row, image, positions, tiles_layout(count, side, self.use_thumbnail),
+                                   encoder_index, probe_rows))
+        return spans
+
+    # ------------------------------------------------------------ vision probes
+
+    def _vision_layers(self) -> nn.ModuleList:
+        return self.multimodal_model().vision_tower.encoder.layer  # type: ignore[no-any-return]
+
+    def _feature_layer_index(self) -> int | None:
+        """The encoder layer whose output is used (``vision_feature_layer``: -1 is the last hidden
+        state, others index ``hidden_states`` where 0 is the embeddings)."""
+        layers = self._vision_layers()
+        feature_layer = self.model.config.vision_feature_layer  # type: ignore[union-attr]
+        if not isinstance(feature_layer, int):
+            return None
+        hidden_index = feature_layer % (len(layers) + 1)
+        return hidden_index - 1 if hidden_index >= 1 else None
+
+    def has_cls_token(self) -> bool:
+        return True
+
+    def available_inputs(self) -> frozenset[str]:
+        return frozenset({"pre_projector", "cls_attention"} if self._feature_layer_index() is not None else {"pre_projector"})
+
+    def _pool_merged(self, patch_values: torch.Tensor) -> torch.Tensor:
+        """``[R, s * s]`` per-patch values -> ``[R, (s/2)^2]`` per merged token: the model's own pixel
+        shuffle groups each token's patches into its channels, which are then summed."""
+        side = self._patch_side()
+        grid = patch_values.reshape(patch_values.shape[0], side, side, 1)
+        shuffled = self.multimodal_model().pixel_shuffle(grid, scale_factor=float(self.model.config.downsample_ratio))  # type: ignore[union-attr,operator]
+        return shuffled.reshape(patch_values.shape[0], -1, shuffled.shape[-1]).sum(dim=-1)
+
+    def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
+        removers: list[Callable[[], None]] = []
+        mm = self.multimodal_model()
+        if "pre_projector" in wanted:
+            def on_projector(module: nn.Module, args: tuple) -> None:
+                probes.pre_projector.extend(args[0].detach().unbind(0))
+
+            removers.append(mm.multi_modal_projector.register_forward_pre_hook(on_projector).remove)
+        layer_index = self._feature_layer_index()
+        if "cls_attention" in wanted and layer_index is not None:
+            def on_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+                # [CLS] is the first position of each tile's sequence; its row, averaged over heads.
+                row = torch.softmax((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)
+                cls_to_patches = row.mean(dim=1)[:, 0, 1:]                      # [tiles, s * s]
+                probes.cls_attention.extend(self._pool_merged(cls_to_patches).unbind(0))
+
+            removers.append(observe_attention(self._vision_layers()[layer_index].attention, on_attention))
+        return removers
