@@ -15,7 +15,7 @@ import tokred
 from tokred.cli import main
 from tokred.methods import LastTokenAttentionGate
 from tokred.show import ImageKept, KeptFigure, Panel, kept_figure, kept_tokens, show
-from tokred.testing import tiny_model
+from tokred.testing import make_image, tiny_model
 
 PROMPT = "What is shown in this image?"
 SIDE = 24  # the tiny LLaVA's grid: 336 px / 14 px patches
@@ -150,3 +150,21 @@ def test_show_rejects_a_bad_budget_before_loading(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert "keep must be >= 1" in err and "loading" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_internvl_tiles_are_drawn_from_their_own_encoder_rows() -> None:
+    """InternVL's pixel_values hold every tile of every image in one batch; each image's panels
+    must be its own tiles, not the first image's, and not the original picture."""
+    from tokred.adapters.base import VisionProbes
+    from tokred.show import _tiles_for, model_view
+
+    model, processor = tiny_model("internvl")
+    images = [make_image(480, 640), make_image(336, 336, seed=1)]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    spans = tokred.default_registry().adapter_for(model).image_spans(inputs["input_ids"], VisionProbes(), inputs)
+    tiles, note = _tiles_for(inputs["pixel_values"], spans[1], processor, images[1])
+    assert note == "" and len(tiles) == 5
+    expected = [model_view(inputs["pixel_values"][row], processor) for row in range(7, 12)]
+    assert [t.tobytes() for t in tiles] == [e.tobytes() for e in expected]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
-from .adapters.base import VisionProbes
+from .adapters.base import ImageSpan, VisionProbes
 from .method import Method
 from .registry import Registry, default_registry
 from .runtime import apply
@@ -238,12 +238,20 @@ def model_view(pixel_values: torch.Tensor, processor: Any) -> Image.Image:
     return Image.fromarray(array.numpy())
 
 
-def _tiles_for(pixel_values: torch.Tensor | None, encoder_index: int, layout: ImageLayout, processor: Any,
+def _tiles_for(pixel_values: torch.Tensor | None, span: ImageSpan, processor: Any,
                original: Image.Image) -> tuple[list[Image.Image], str]:
     """The tile pictures of one image and a caption note: the processor's pixels when their shape
-    matches the layout (``[images, 3, H, W]`` untiled, ``[images, tiles, 3, H, W]`` tiled), else the
-    original image for every tile."""
+    matches the layout (``[images, 3, H, W]`` untiled, ``[images, tiles, 3, H, W]`` tiled, or
+    ``[encoder rows, 3, H, W]`` with the image's rows named by ``span.probe_rows``, as InternVL), else
+    the original image for every tile."""
+    layout, encoder_index = span.layout, span.encoder_index
     tiles = len(layout.grids)
+    if pixel_values is not None and pixel_values.dim() == 4 and span.probe_rows is not None and tiles > 1:
+        rows_, cols_ = layout.grids[0]
+        sources = span.probe_rows[span.probe_rows >= 0]
+        rows = torch.unique(sources // (rows_ * cols_)).tolist()
+        if len(rows) == tiles and rows[-1] < pixel_values.shape[0]:
+            return [model_view(pixel_values[r], processor) for r in rows], ""
     if pixel_values is not None and encoder_index < pixel_values.shape[0]:
         mine = pixel_values[encoder_index]
         if mine.dim() == 3 and tiles == 1:
@@ -298,6 +306,6 @@ def show(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: Me
     items = []
     for sample, image, entering, gates in kept_tokens(model, inputs, method, registry=registry):
         span = spans[(sample, image)]
-        tiles, note = _tiles_for(inputs.get("pixel_values"), span.encoder_index, span.layout, processor, images[image])
+        tiles, note = _tiles_for(inputs.get("pixel_values"), span, processor, images[image])
         items.append(ImageKept(tiles, span.layout, entering, gates, note))
     return kept_figure(items, title)

@@ -66,6 +66,7 @@ _SMALL_CLIP = {
     "vision_intermediate_size": 1024,
 }
 
+#: Named random-weight models ``tokred bench --preset`` can build without a download, by name.
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (

@@ -403,14 +403,12 @@ class Run:
                 keep[span.sample, positions[dropped]] = False
                 if selection.features is not None:
                     new_embeds[span.sample, positions[selection.indices].to(device)] = selection.features.to(embeds.dtype)
-                records[(span.sample, span.image)] = ImageRecord(
-                    span.sample, span.image, positions.numel(), selection.indices.tolist(), selection.indices.tolist())
+                records[(span.sample, span.image)] = _record(span, selection.indices)
             _sync(device)
             report.selection_seconds += time.perf_counter() - start
         else:
             for span in spans:
-                everything = list(range(span.positions.numel()))
-                records[(span.sample, span.image)] = ImageRecord(span.sample, span.image, len(everything), everything, everything)
+                records[(span.sample, span.image)] = _record(span, torch.arange(span.positions.numel()))
         report.images = [records[(s.sample, s.image)] for s in spans]
 
         if self.schedule.selector is not None:
@@ -686,6 +684,7 @@ class Run:
             if record.sample == sample:
                 mine = kept_origin[prefill.image_of[sample, kept_origin] == record.image]
                 record.kept_final = sorted(int(t) for t in prefill.token_of[sample, mine])
+                record.kept_per_tile = torch.bincount(prefill.tile_of[sample, mine], minlength=len(record.tile_sizes)).tolist()
 
     def _gate_state(self, layer: int, sample: int, prefill: _Prefill, budget: Budget | None,
                     visual_local: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor,
@@ -735,6 +734,17 @@ class Run:
             num_system=int(roles["system"].numel()), hidden_states=hidden[sample, valid.to(hidden.device)],
             _attention=attention,
         )
+
+
+def _record(span: ImageSpan, kept: torch.Tensor) -> ImageRecord:
+    """The report's record of one image after stage I (``kept``: ``[k]`` increasing indices)."""
+    tiles = span.layout.tile
+    return ImageRecord(
+        span.sample, span.image, span.positions.numel(), kept.tolist(), kept.tolist(),
+        tile_sizes=torch.bincount(tiles, minlength=span.layout.num_tiles).tolist(),
+        thumbnail_tile=span.layout.thumbnail_tile if span.layout.num_tiles > 1 else None,
+        kept_per_tile=torch.bincount(tiles[kept], minlength=span.layout.num_tiles).tolist(),
+    )
 
 
 def _next_position(index: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,9 @@ class ImageRecord:
         kept_stage1: indices (into the image's tokens, increasing) that entered the LLM.
         kept_final: indices that survived every gate.
         kept_per_layer: for each decoder layer, how many of its tokens that layer saw.
+        tile_sizes: tokens per tile, indexed by tile (one entry for untiled images).
+        thumbnail_tile: the tile holding the whole-image thumbnail of a tiled image, else ``None``.
+        kept_per_tile: how many of each tile's tokens survived every gate (``kept_final`` per tile).
     """
 
     sample: int
@@ -27,6 +30,9 @@ class ImageRecord:
     kept_stage1: list[int]
     kept_final: list[int]
     kept_per_layer: list[int] = field(default_factory=list)
+    tile_sizes: list[int] = field(default_factory=list)
+    thumbnail_tile: int | None = None
+    kept_per_tile: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +90,12 @@ class RunReport:
                 f"  sample {s}: {n} visual tokens in; per layer {_compress(per_layer)}; "
                 f"equivalent {self.equivalent_visual_tokens[s]:.1f} ({_share(self.equivalent_visual_tokens[s], n)})"
             )
+        for image in self.images:
+            if image.thumbnail_tile is not None:
+                lines.append(
+                    f"  sample {image.sample} image {image.image}: kept per tile {image.kept_per_tile} of "
+                    f"{image.tile_sizes} (thumbnail: tile {image.thumbnail_tile})"
+                )
         lines.append(f"  selection {self.selection_seconds * 1e3:.2f} ms, gating {self.gating_seconds * 1e3:.2f} ms")
         return "\n".join(lines)
 

@@ -162,6 +162,8 @@ _BUILDERS: dict[str, tuple[_Builder, dict[str, Any]]] = {
     "internvl": TILED_BUILDERS["internvl"],
 }
 
+#: The families :func:`tiny_model` can build: ``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``,
+#: ``qwen3_vl``, ``internvl`` (one per registered adapter of the core).
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 
@@ -172,6 +174,10 @@ def tiny_model(
 
     "llava" defaults: 336px images in 14px patches -> 576 visual tokens per image;
     CLIP tower 32 wide x 2 layers; Llama 64 wide x 8 layers with 4 query / 2 KV heads.
+    Every family keeps an 8-layer, 64-wide language model with 4 query / 2 KV heads. Tiled families
+    use smaller tiles than the released checkpoints: "llava_next" 168 px tiles (144 tokens each, a
+    square image is 720 tokens plus 24 newline tokens), "internvl" 224 px tiles (64 tokens each, a
+    square image 2 x 2 tiles plus the thumbnail = 320 tokens).
 
     Args:
         family: One of :data:`FAMILIES`.
