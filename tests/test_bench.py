@@ -267,3 +267,33 @@ def test_bench_scaling_command_times_registered_selectors(capsys: pytest.Capture
     for row in data["selectors"]:
         assert [(c["N"], c["k"]) for c in row["cells"]] == [(64, 4), (64, 16), (256, 4), (256, 16)]
         assert all(c["seconds"]["median"] > 0 for c in row["cells"])
+
+
+@pytest.mark.parametrize(("preset", "family", "visual"), [
+    ("tiny-llava_next", "llava_next", 720), ("tiny-internvl", "internvl", 320),
+])
+def test_tiled_presets_build_their_family(preset: str, family: str, visual: int) -> None:
+    import tokred
+    from tokred.adapters.base import VisionProbes
+    from tokred.testing import make_image
+
+    model, processor = build_preset(preset)
+    adapter = tokred.default_registry().adapter_for(model)
+    assert adapter.family == family
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}], add_generation_prompt=True)
+    inputs = processor(images=[make_image()], text=[prompt], return_tensors="pt")
+    spans = adapter.image_spans(inputs["input_ids"], VisionProbes(), inputs)
+    assert [span.positions.numel() for span in spans] == [visual]
+
+
+def test_llava_next_135m_preset_has_the_real_token_count() -> None:
+    """336 px tiles and the released pinpoints: a square image is 2,880 tokens + 48 newlines."""
+    from tokred.testing import make_image
+
+    model, processor = build_preset("llava-next-135m")
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}], add_generation_prompt=True)
+    inputs = processor(images=[make_image(672, 672)], text=[prompt], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2928
+    assert model.config.get_text_config().num_hidden_layers == 30

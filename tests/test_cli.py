@@ -255,6 +255,20 @@ def test_demo_uses_defaults_for_methods_without_keep_ratio_and_reports_failures(
     assert "ScheduleError" in rows["beyond"]["error"] and rows["beyond"]["prefill_time_ratio"] is None
 
 
+@pytest.mark.parametrize(("family", "visual", "kept"), [("llava_next", 720, 72), ("internvl", 320, 32)])
+def test_demo_runs_on_the_tiled_families(family: str, visual: int, kept: int, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = _installed_registry()
+    assert main(["demo", "--family", family, "--repeats", "1", "--methods", "[rf]a*", "--json"],
+                registry=registry) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {row["method"]: row for row in data["rows"]}
+    assert data["family"] == family
+    # Visual tokens are the adapter's candidates (LLaVA-NeXT's newline tokens stay and are not counted).
+    assert rows["unreduced"]["entering_llm"] == visual
+    assert rows["random"]["entering_llm"] == kept and rows["fastv"]["entering_llm"] == visual
+    assert rows["random"]["error"] is None and rows["fastv"]["error"] is None
+
+
 def test_demo_rejects_a_pattern_matching_no_method(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--methods", "zz*"], registry=_installed_registry()) == 2
     assert "no registered method matches 'zz*'; registered: " in capsys.readouterr().err

@@ -83,6 +83,23 @@ PRESETS: dict[str, Preset] = {
             # Real checkpoints' initialiser scale: the tiny default (0.2) is meant for 8 layers.
             {**_SMOLLM_135M, **_SMALL_CLIP, "initializer_range": 0.02},
         ),
+        Preset(
+            "tiny-llava_next", "llava_next",
+            "tokred.testing.tiny_model('llava_next'): LLaVA-NeXT layout with 168 px tiles (a square image: "
+            "thumbnail + 2 x 2 tiles, 720 visual tokens + 24 newlines), CLIP 32 wide x 2 layers, Llama 64 wide x 8",
+        ),
+        Preset(
+            "tiny-internvl", "internvl",
+            "tokred.testing.tiny_model('internvl'): InternVL layout with 224 px tiles (a square image: 2 x 2 tiles "
+            "+ thumbnail, 320 visual tokens), InternViT 32 wide x 2 layers, Qwen2 64 wide x 8",
+        ),
+        Preset(
+            "llava-next-135m", "llava_next",
+            "LLaVA-NeXT layout at its real token counts (336 px tiles, llava-v1.6 pinpoints: a square image is "
+            "2,880 visual tokens + 48 newlines) with llava-135m's CLIP tower and SmolLM-135M's decoder; random weights",
+            {**_SMOLLM_135M, **_SMALL_CLIP, "initializer_range": 0.02, "image_size": 336,
+             "image_grid_pinpoints": ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))},
+        ),
     )
 }
 
