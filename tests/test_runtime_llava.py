@@ -340,3 +340,22 @@ def test_report_summary_and_dict(llava_sdpa) -> None:
     assert data["equivalent_visual_tokens"] == [(2 * 576 + 6 * 64) / 8]
     assert data["gating_seconds"] > 0 and data["selection_seconds"] == 0
     assert "576 x2, 64 x6" in run.report.summary()
+
+
+def test_attention_slices_are_the_same_in_query_blocks() -> None:
+    """Blocking over queries bounds memory; probabilities agree to float rounding (the matmul
+    kernels differ with the block size)."""
+    from tokred.runtime._run import _attention_slice
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 50, 8, generator=generator)                   # [B, H, L, d]
+    key = torch.randn(2, 2, 50, 8, generator=generator)                     # grouped KV heads
+    valid = torch.ones(50, dtype=torch.bool)
+    valid[:3] = False                                                       # left padding
+    queries, keys = torch.arange(10, 50), torch.arange(5, 45, 3)
+    whole = _attention_slice((query, key, 0.35), 1, queries, keys, valid, block_elements=1 << 30)
+    for block_elements in (1, 4 * 50 * 7, 4 * 50 * 40 - 1):
+        blocked = _attention_slice((query, key, 0.35), 1, queries, keys, valid, block_elements=block_elements)
+        assert torch.allclose(blocked, whole, rtol=0, atol=1e-6)
+    assert whole.shape == (4, 40, 14)
+    assert _attention_slice((query, key, 0.35), 1, torch.arange(0), keys, valid).shape == (4, 0, 14)
