@@ -21,6 +21,15 @@ from ..tokens import ImageLayout
 __all__ = ["Adapter", "ImageSpan", "VisionProbes", "split_image_tokens", "split_runs"]
 
 
+_FEWER_ENCODER_IMAGES = (
+    "The sequence holds more images than the vision tower encoded: generate() with num_beams > 1 or "
+    "num_return_sequences > 1 repeats each prompt's image features after encoding them once, and selectors "
+    "that read vision-encoder inputs ([CLS] attention, pre-projector features) do not support that yet; "
+    "use greedy or sampled generation with one sequence per prompt, or a selector without those inputs. "
+    "Otherwise the vision tower was called outside the model's forward."
+)
+
+
 @dataclass
 class ImageSpan:
     """One image's visual tokens in the language model's input sequence.
@@ -128,7 +137,7 @@ class Adapter:
             if span.encoder_index >= len(values):
                 raise RuntimeStateError(
                     f"the {self.family} adapter promised {name} but captured {len(values)} values for image "
-                    f"{span.encoder_index}; was the vision tower called outside the model's forward?"
+                    f"{span.encoder_index}. {_FEWER_ENCODER_IMAGES}"
                 )
             return values[span.encoder_index]
         needed = int(span.probe_rows.max()) + 1 if span.probe_rows.numel() else 0
@@ -136,7 +145,7 @@ class Adapter:
         if cells == 0 or needed > cells * len(values):
             raise RuntimeStateError(
                 f"the {self.family} adapter promised {name} but captured {len(values)} encoder rows, fewer than "
-                f"image {span.image} of sample {span.sample} needs; was the vision tower called outside the model's forward?"
+                f"image {span.image} of sample {span.sample} needs. {_FEWER_ENCODER_IMAGES}"
             )
         flat = torch.cat(values, dim=0)                                        # [rows * cells, ...]
         rows = span.probe_rows.to(flat.device)

@@ -187,8 +187,10 @@ class LlavaNextAdapter(LlavaAdapter):
         candidates = [[shape for shape in self._tile_shapes() if _fits(shape, grid, side)] for grid in grids]
         encoder_rows = getattr(encoded, "last_hidden_state", None)
         total = None if encoder_rows is None else int(encoder_rows.shape[0])
+        # generate() with beams (or several return sequences) repeats every prompt's packed features
+        # after the tower ran once: then the rows the tiles need are a whole multiple of those it saw.
         choices = [combo for combo in itertools.product(*candidates)
-                   if total is None or sum(1 + h * w for h, w in combo) == total]
+                   if total is None or _whole_repeat(sum(1 + h * w for h, w in combo), total, len(combo))]
         if len(choices) != 1:
             raise RuntimeStateError(
                 f"cannot tell how the images were tiled from their packed features ({len(choices)} tile grids fit "
@@ -221,6 +223,12 @@ class LlavaNextAdapter(LlavaAdapter):
             per_row[row] = image + 1
             spans.append(ImageSpan(row, image, positions, layout, encoder_index, probe_rows))
         return spans
+
+
+def _whole_repeat(needed: int, seen: int, images: int) -> bool:
+    """Whether ``images`` images needing ``needed`` encoder rows can be ``seen`` rows repeated a whole
+    number of times, each repeat holding a whole number of images."""
+    return needed % seen == 0 and images % (needed // seen) == 0
 
 
 def _fits(shape: tuple[int, int], grid: tuple[int, int], side: int) -> bool:

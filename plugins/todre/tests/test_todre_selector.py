@@ -92,7 +92,8 @@ def test_keeping_everything_skips_the_greedy_loop() -> None:
 def test_registered_selector_and_options() -> None:
     selector = tokred.default_registry().selector("todre.diversity", objective="k_center", pivot="index:3")
     assert isinstance(selector, DiversitySelector)
-    assert "cls_attention" in DiversitySelector.inputs
+    assert selector.inputs == frozenset()  # the index pivot needs no [CLS] attention captured
+    assert DiversitySelector().inputs == frozenset({"cls_attention"})
     with pytest.raises(tokred.OptionsError, match="objective"):
         tokred.default_registry().selector("todre.diversity", objective="max_min")
 

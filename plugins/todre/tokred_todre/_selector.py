@@ -10,7 +10,7 @@ the budget is reached. The v1 paper used greedy k-center instead (``objective="k
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import AfterValidator, Field
@@ -89,8 +89,6 @@ class DiversitySelector(Selector):
     greedy loop is skipped (ours: the kept set is the same, only its irrelevant order differs).
     """
 
-    inputs: ClassVar[frozenset[str]] = frozenset({"cls_attention"})
-
     objective: Objective = Field(
         "max_sum",
         description="Greedy rule: 'max_sum' (ToDRE v2, default) or 'k_center' (farthest point, ToDRE v1).",
@@ -100,6 +98,12 @@ class DiversitySelector(Selector):
         description="First token: 'cls_attention' (paper; falls back to 'max_norm' without a [CLS] token), "
         "'max_norm' or 'index:<i>'.",
     )
+
+    @property
+    def inputs(self) -> frozenset[str]:  # type: ignore[override]
+        """What the runtime must capture: the [CLS] attention, only for the ``cls_attention`` pivot
+        (so ``pivot="max_norm"`` also runs where none can be captured, e.g. under beam search)."""
+        return frozenset({"cls_attention"}) if self.pivot == "cls_attention" else frozenset()
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
         if k == tokens.num_tokens:
