@@ -297,3 +297,14 @@ def test_llava_next_135m_preset_has_the_real_token_count() -> None:
     inputs = processor(images=[make_image(672, 672)], text=[prompt], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2928
     assert model.config.get_text_config().num_hidden_layers == 30
+
+
+def test_bench_on_tiled_llava_next_counts_candidates_and_matches_the_ideal(capsys: pytest.CaptureFixture[str]) -> None:
+    """LLaVA-NeXT's ideal needs image_sizes for its encoder; newline tokens are text in the counts."""
+    args = ["bench", "--preset", "tiny-llava_next", "--methods", "random", "--keep", "16", "--repeats", "1",
+            "--new-tokens", "2", "--no-memory", "--json"]
+    assert main(args) == 0
+    rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["unreduced"]["visual_tokens_input"] == 720
+    assert rows["random"]["visual_tokens_per_layer"] == [16] * 8
+    assert rows["random"]["ideal_same_tokens"] is True and rows["random"]["ideal_logits_max_abs_diff"] < 1e-5

@@ -39,8 +39,8 @@ def unsupported_reason(adapter: Adapter) -> str | None:
     """Why :class:`Ideal` cannot be built for the adapter's model, or ``None`` when it can."""
     get_features = getattr(adapter.multimodal_model(), "get_image_features", None)
     if get_features is None or "vision_feature_select_strategy" not in inspect.signature(get_features).parameters:
-        return (f"no ideal for {type(adapter.model).__name__}: it is built from LLaVA's "
-                "get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy)")
+        return (f"no ideal for {type(adapter.model).__name__}: it is built from LLaVA's and LLaVA-NeXT's "
+                "get_image_features(pixel_values, [image_sizes,] vision_feature_layer, vision_feature_select_strategy)")
     return None
 
 
@@ -71,6 +71,9 @@ class Ideal:
             raise UnsupportedModelError(f"the ideal is defined for one prompt; got a batch of {input_ids.shape[0]}")
         self.input_ids = input_ids
         self.pixel_values = inputs["pixel_values"]
+        # Inputs the encoder needs beyond the pixels, when the model asks for them (LLaVA-NeXT: image_sizes).
+        parameters = inspect.signature(self.multimodal.get_image_features).parameters
+        self.encoder_inputs = {name: inputs[name] for name in ("image_sizes",) if name in parameters and name in inputs}
         mask = inputs.get("attention_mask")
         keep = mask.bool().cpu() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool).cpu()
         self.image_mask = input_ids == adapter.image_token_id()                          # [1, L]
@@ -95,6 +98,7 @@ class Ideal:
         config = self.model.config
         features = self.multimodal.get_image_features(
             pixel_values=self.pixel_values,
+            **self.encoder_inputs,
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         ).pooler_output
