@@ -18,7 +18,11 @@ import torch.nn as nn
 from ..errors import RuntimeStateError
 from ..tokens import ImageLayout
 
-__all__ = ["Adapter", "ImageSpan", "VisionProbes", "split_image_tokens", "split_runs"]
+__all__ = [
+    "Adapter", "ImageSpan", "VisionProbes", "capture_projector_inputs", "cls_attention_rows", "encoder_layer_of",
+    "split_image_tokens",
+    "split_runs",
+]
 
 
 _FEWER_ENCODER_IMAGES = (
@@ -297,3 +301,30 @@ def split_image_tokens(input_ids: torch.Tensor, token_id: int, counts: Sequence[
     if sizes is not None and next(sizes, None) is not None:
         raise RuntimeStateError(f"the input holds fewer image tokens than the images' token counts {list(counts or [])}")
     return chunks
+
+
+def capture_projector_inputs(projector: nn.Module, probes: VisionProbes) -> Callable[[], None]:
+    """Record the multimodal projector's input, one ``[cells, D_v]`` entry per encoder row, in
+    ``probes.pre_projector``; return the remover."""
+    def on_projector(module: nn.Module, args: tuple) -> None:
+        probes.pre_projector.extend(args[0].detach().unbind(0))
+
+    return projector.register_forward_pre_hook(on_projector).remove
+
+
+def cls_attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``[B, L]``: the attention the first position ([CLS]) pays every position, averaged over
+    heads, from a vision attention layer's ``query`` ``[B, H, L, d]`` and ``key`` ``[B, H, L, d]``."""
+    row = torch.softmax((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)   # [B, H, 1, L]
+    return row.mean(dim=1)[:, 0]
+
+
+def encoder_layer_of(feature_layer: int | Sequence[int], num_layers: int) -> int | None:
+    """The vision encoder layer whose output ``hidden_states[feature_layer]`` is (``vision_feature_layer``
+    of LLaVA-style configs): ``hidden_states[0]`` is the embedding output, ``hidden_states[i]`` the
+    output of layer ``i - 1``; ``None`` for the embeddings. With several feature layers the deepest is
+    used: our assumption for [CLS] attention, whose row is defined per layer."""
+    if not isinstance(feature_layer, int):
+        feature_layer = max(feature_layer, key=lambda i: i % (num_layers + 1))
+    hidden_index = feature_layer % (num_layers + 1)
+    return hidden_index - 1 if hidden_index >= 1 else None

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..errors import RuntimeStateError
 from ..runtime._attention import observe_attention
 from ..tokens import ImageLayout
-from .base import Adapter, ImageSpan, VisionProbes, split_image_tokens
+from .base import Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, split_image_tokens
 
 __all__ = ["InternVLAdapter", "tiles_layout"]
 
@@ -124,14 +124,8 @@ class InternVLAdapter(Adapter):
         return self.multimodal_model().vision_tower.encoder.layer  # type: ignore[no-any-return]
 
     def _feature_layer_index(self) -> int | None:
-        """The encoder layer whose output is used (``vision_feature_layer``: -1 is the last hidden
-        state, others index ``hidden_states`` where 0 is the embeddings)."""
-        layers = self._vision_layers()
-        feature_layer = self.model.config.vision_feature_layer  # type: ignore[union-attr]
-        if not isinstance(feature_layer, int):
-            return None
-        hidden_index = feature_layer % (len(layers) + 1)
-        return hidden_index - 1 if hidden_index >= 1 else None
+        """The encoder layer whose output is used (:func:`encoder_layer_of`; -1 is the last hidden state)."""
+        return encoder_layer_of(self.model.config.vision_feature_layer, len(self._vision_layers()))  # type: ignore[union-attr]
 
     def has_cls_token(self) -> bool:
         return True
@@ -151,16 +145,11 @@ class InternVLAdapter(Adapter):
         removers: list[Callable[[], None]] = []
         mm = self.multimodal_model()
         if "pre_projector" in wanted:
-            def on_projector(module: nn.Module, args: tuple) -> None:
-                probes.pre_projector.extend(args[0].detach().unbind(0))
-
-            removers.append(mm.multi_modal_projector.register_forward_pre_hook(on_projector).remove)
+            removers.append(capture_projector_inputs(mm.multi_modal_projector, probes))
         layer_index = self._feature_layer_index()
         if "cls_attention" in wanted and layer_index is not None:
             def on_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-                # [CLS] is the first position of each tile's sequence; its row, averaged over heads.
-                row = torch.softmax((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)
-                cls_to_patches = row.mean(dim=1)[:, 0, 1:]                      # [tiles, s * s]
+                cls_to_patches = cls_attention_rows(query, key, scaling)[:, 1:]  # [tiles, s * s]
                 probes.cls_attention.extend(self._pool_merged(cls_to_patches).unbind(0))
 
             removers.append(observe_attention(self._vision_layers()[layer_index].attention, on_attention))

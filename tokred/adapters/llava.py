@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..runtime._attention import observe_attention
 from ..tokens import ImageLayout
-from .base import Adapter, ImageSpan, VisionProbes, split_runs
+from .base import Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, split_runs
 
 __all__ = ["LlavaAdapter"]
 
@@ -55,20 +55,11 @@ class LlavaAdapter(Adapter):
         return getattr(getattr(body, "encoder", None), "layers", None)
 
     def _feature_layer_index(self) -> int | None:
-        """The encoder layer whose output the projector reads (``hidden_states[vision_feature_layer]``).
-
-        ``hidden_states[0]`` is the embedding output and ``hidden_states[i]`` the output of layer
-        ``i - 1``. With several feature layers, the deepest is used: our assumption for
-        [CLS] attention, since the [CLS] row is only defined per layer.
-        """
+        """The encoder layer whose output the projector reads (:func:`encoder_layer_of`)."""
         layers = self._vision_layers()
         if layers is None:
             return None
-        feature_layer = self.model.config.vision_feature_layer  # type: ignore[union-attr]
-        if not isinstance(feature_layer, int):
-            feature_layer = max(feature_layer, key=lambda i: i % (len(layers) + 1))
-        hidden_index = feature_layer % (len(layers) + 1)
-        return hidden_index - 1 if hidden_index >= 1 else None
+        return encoder_layer_of(self.model.config.vision_feature_layer, len(layers))  # type: ignore[union-attr]
 
     def has_cls_token(self) -> bool:
         tower = self.multimodal_model().vision_tower
@@ -82,18 +73,13 @@ class LlavaAdapter(Adapter):
         removers: list[Callable[[], None]] = []
         mm = self.multimodal_model()
         if "pre_projector" in wanted:
-            def on_projector(module: nn.Module, args: tuple) -> None:
-                probes.pre_projector.extend(args[0].detach().unbind(0))
-
-            removers.append(mm.multi_modal_projector.register_forward_pre_hook(on_projector).remove)
+            removers.append(capture_projector_inputs(mm.multi_modal_projector, probes))
         layer_index = self._feature_layer_index()
         if "cls_attention" in wanted and "cls_attention" in self.available_inputs():
             keeps_cls = self._keeps_cls()
 
             def on_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-                # [CLS] is the first position of CLIP's sequence; its row, averaged over heads.
-                row = torch.softmax((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)
-                cls_to_tokens = row.mean(dim=1)[:, 0]                           # [images, 1 + patches]
+                cls_to_tokens = cls_attention_rows(query, key, scaling)         # [images, 1 + patches]
                 probes.cls_attention.extend((cls_to_tokens if keeps_cls else cls_to_tokens[:, 1:]).unbind(0))
 
             layers = self._vision_layers()

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 
 from ._bpe import train_byte_level_bpe
+from ._common import LLAVA_CHAT_TEMPLATE, TINY_LANGUAGE_MODEL
 
 from ._tiny_qwen import QWEN_BUILDERS
 from ._tiny_tiled import TILED_BUILDERS
@@ -35,25 +36,9 @@ _CORPUS = (
     "Please answer the question with a single word or a short phrase.",
 )
 
-# Same template as llava-hf/llava-1.5-*-hf (images first, then text), extended to
-# accept plain-string content so text-only chats are easy to write in tests.
-_LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' ' }}{% endfor %}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
 # Tiny LLaVA-1.5 dimensions. The vision grid is kept at full size (336 / 14 -> 24x24 = 576
 # visual tokens) because token-reduction code cares about the real token count and grid
-# shape; only the widths and depths shrink. The text model keeps 8 layers so per-layer
-# reduction schedules have room, and uses GQA (4 query heads, 2 KV heads) on purpose so
-# that KV-cache and attention code cannot silently assume num_key_value_heads == num_heads.
+# shape; only the widths and depths shrink. The language model is TINY_LANGUAGE_MODEL.
 _LLAVA_DEFAULTS: dict[str, Any] = {
     "image_size": 336,
     "patch_size": 14,
@@ -61,15 +46,8 @@ _LLAVA_DEFAULTS: dict[str, Any] = {
     "vision_num_hidden_layers": 2,  # enough for vision_feature_layer=-2 to be a real layer
     "vision_num_attention_heads": 4,
     "vision_intermediate_size": 64,
-    "hidden_size": 64,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
+    **TINY_LANGUAGE_MODEL,
     "max_position_embeddings": 4096,  # room for several 576-token images plus text
-    # Larger than the usual 0.02 so logits are not near-uniform and greedy decoding
-    # of a random model produces varied tokens instead of one token repeated.
-    "initializer_range": 0.2,
     "vision_feature_layer": -2,
     "vision_feature_select_strategy": "default",
 }
@@ -144,7 +122,7 @@ def _build_llava(
         patch_size=p["patch_size"],
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=_LLAVA_CHAT_TEMPLATE,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
 

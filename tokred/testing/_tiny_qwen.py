@@ -18,15 +18,17 @@ import transformers
 from tokenizers import Tokenizer
 
 from ._bpe import train_byte_level_bpe
+from ._common import TINY_LANGUAGE_MODEL, chatml_template
 
-__all__ = ["QWEN_BUILDERS"]
+__all__ = ["QWEN_BUILDERS", "QWEN_CORPUS"]
 
 # Qwen's own spellings; "<|endoftext|>" doubles as padding, as in the released tokenizers.
 _QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
 )
-_CORPUS = (
+#: Sentences the Qwen-style tokenizers (Qwen-VL, InternVL) are trained on.
+QWEN_CORPUS = (
     "The quick brown fox jumps over the lazy dog.",
     "What is shown in this image? Describe the picture in detail.",
     "A red circle, a green square and a blue triangle on a gradient background.",
@@ -36,48 +38,25 @@ _CORPUS = (
 )
 
 # The released Qwen2-VL / Qwen2.5-VL template, images only (the real one also places videos), plus
-# plain-string content so text-only chats are easy to write in tests.
-_QWEN2_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# Qwen3-VL's template has no default system message; otherwise the same layout.
-_QWEN3_CHAT_TEMPLATE = _QWEN2_CHAT_TEMPLATE.replace(
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}",
-    "",
-)
+# plain-string content so text-only chats are easy to write in tests. Qwen3-VL's has no default
+# system message; otherwise the same layout.
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_QWEN2_CHAT_TEMPLATE = chatml_template(_QWEN_IMAGE, default_system=True)
+_QWEN3_CHAT_TEMPLATE = chatml_template(_QWEN_IMAGE, default_system=False)
 
 # Shared tiny dimensions. Images are resized to at most 336 x 336 pixels: 24 x 24 patches of 14 px
 # merged 2 x 2 into a 12 x 12 grid of 144 visual tokens (Qwen3-VL: 16 px patches, 320 px after
-# rounding to its 32 px merge unit, a 10 x 10 grid of 100 tokens). The text model keeps 8 layers and
-# GQA (4 query / 2 KV heads) like the LLaVA tiny model, so gates have room and KV code cannot assume
-# equal head counts. head_dim 16 -> 8 rotary frequencies split over (temporal, height, width).
+# rounding to its 32 px merge unit, a 10 x 10 grid of 100 tokens). The language model is
+# TINY_LANGUAGE_MODEL: head_dim 16 -> 8 rotary frequencies split over (temporal, height, width).
 _COMMON: dict[str, Any] = {
     "max_image_pixels": 336 * 336,
     "vision_hidden_size": 32,
     "vision_depth": 2,
     "vision_num_heads": 4,
     "vision_intermediate_size": 64,
-    "hidden_size": 64,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
+    **TINY_LANGUAGE_MODEL,
     "max_position_embeddings": 4096,
     "mrope_section": (2, 3, 3),
-    # Larger than the usual 0.02 so greedy decoding of a random model varies (see _tiny.py).
-    "initializer_range": 0.2,
 }
 _QWEN2_VL_DEFAULTS: dict[str, Any] = {**_COMMON, "patch_size": 14}
 _QWEN2_5_VL_DEFAULTS: dict[str, Any] = {
@@ -101,7 +80,7 @@ _QWEN3_VL_DEFAULTS: dict[str, Any] = {
 
 def _tokenizer_json() -> str:
     """The Qwen tokenizer: no unknown token and no BOS, like Qwen's own."""
-    return train_byte_level_bpe(_CORPUS, _QWEN_SPECIAL_TOKENS)
+    return train_byte_level_bpe(QWEN_CORPUS, _QWEN_SPECIAL_TOKENS)
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:

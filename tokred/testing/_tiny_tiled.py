@@ -19,6 +19,8 @@ import transformers
 from tokenizers import Tokenizer
 
 from ._bpe import train_byte_level_bpe
+from ._common import LLAVA_CHAT_TEMPLATE, TINY_LANGUAGE_MODEL, chatml_template
+from ._tiny_qwen import QWEN_CORPUS
 
 __all__ = ["TILED_BUILDERS"]
 
@@ -36,57 +38,18 @@ _LLAVA_NEXT_DEFAULTS: dict[str, Any] = {
     "vision_num_hidden_layers": 2,
     "vision_num_attention_heads": 4,
     "vision_intermediate_size": 64,
-    "hidden_size": 64,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
+    **TINY_LANGUAGE_MODEL,
     "max_position_embeddings": 8192,
-    "initializer_range": 0.2,  # larger than usual so greedy decoding of a random model varies
     "vision_feature_layer": -2,
     "vision_feature_select_strategy": "default",
 }
 
-_LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-_CORPUS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "What is shown in this image? Describe the picture in detail.",
-    "A red circle, a green square and a blue triangle on a gradient background.",
-    "USER: What colour is the car? ASSISTANT: The car is yellow.",
-    "system user assistant You are a helpful assistant.",
-    "Please answer the question with a single word or a short phrase.",
-)
-
-# llava-hf/llava-v1.6-vicuna-*-hf style: images first, then the text.
-_LLAVA_NEXT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' ' }}{% endfor %}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
-def _llava_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(
-            train_byte_level_bpe(_CORPUS, _LLAVA_SPECIAL_TOKENS, unk_token="<unk>", bos_token="<s>")),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
-
-
 def _build_llava_next(
-    _shared_tokenizer: Any, attn_implementation: str, p: dict[str, Any]
+    tokenizer: transformers.PreTrainedTokenizerFast, attn_implementation: str, p: dict[str, Any]
 ) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
     """LLaVA-NeXT: CLIP tower on the thumbnail and every tile -> MLP projector -> unpadded tile grid
-    with a learned newline token after each row -> Llama."""
-    tokenizer = _llava_tokenizer()
+    with a learned newline token after each row -> Llama. Uses the LLaVA tokenizer ``tiny_model``
+    passes (llava-v1.6-vicuna shares LLaVA-1.5's)."""
     vision = transformers.CLIPVisionConfig(
         image_size=p["image_size"], patch_size=p["patch_size"], hidden_size=p["vision_hidden_size"],
         num_hidden_layers=p["vision_num_hidden_layers"], num_attention_heads=p["vision_num_attention_heads"],
@@ -119,7 +82,7 @@ def _build_llava_next(
     processor = transformers.LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=p["patch_size"],
         vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
-        chat_template=_LLAVA_NEXT_CHAT_TEMPLATE,
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
 
@@ -137,13 +100,8 @@ _INTERNVL_DEFAULTS: dict[str, Any] = {
     "vision_num_hidden_layers": 2,
     "vision_num_attention_heads": 4,
     "vision_intermediate_size": 64,
-    "hidden_size": 64,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
+    **TINY_LANGUAGE_MODEL,
     "max_position_embeddings": 8192,
-    "initializer_range": 0.2,
     "vision_feature_layer": -1,
 }
 
@@ -153,25 +111,12 @@ _INTERNVL_SPECIAL_TOKENS = (
 
 # OpenGVLab/InternVL3-*-hf style (Qwen2.5 chat format, one <IMG_CONTEXT> per image, which the
 # processor expands to <img> + 256 x tiles context tokens + </img>).
-_INTERNVL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+_INTERNVL_CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>\n", default_system=True)
 
 
 def _internvl_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(train_byte_level_bpe(_CORPUS, _INTERNVL_SPECIAL_TOKENS)),
+        tokenizer_object=Tokenizer.from_str(train_byte_level_bpe(QWEN_CORPUS, _INTERNVL_SPECIAL_TOKENS)),
         eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={
             "start_image_token": "<img>", "end_image_token": "</img>",
