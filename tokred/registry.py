@@ -14,7 +14,7 @@ import importlib.metadata
 import inspect
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import pluggy
@@ -166,10 +166,7 @@ class Registry:
         impls = [i for i in getattr(self._pm.hook, hook).get_hookimpls() if i.plugin is plugin.obj]
         for impl in impls:
             staged: list[Entry] = []
-
-            def register(name: str, obj: type, *, aliases: Sequence[str] = ()) -> None:
-                staged.append(self._check_entry(kind, name, obj, tuple(aliases), plugin))
-
+            register = self._registrar(staged, kind, plugin)
             try:
                 impl.function(*[{"register": register}[arg] for arg in impl.argnames])
             except Exception as exc:
@@ -183,6 +180,14 @@ class Registry:
                 self._entries[kind][entry.name] = entry
                 for alias in entry.aliases:
                     self._aliases[kind][alias] = entry.name
+
+    def _registrar(self, staged: list[Entry], kind: Kind, plugin: _Plugin) -> Callable[..., None]:
+        """The ``register`` callback handed to one hook call: it checks and stages entries in
+        ``staged``, bound here so that a callback kept by a plugin cannot write into a later call."""
+        def register(name: str, obj: type, *, aliases: Sequence[str] = ()) -> None:
+            staged.append(self._check_entry(kind, name, obj, tuple(aliases), plugin))
+
+        return register
 
     def _check_entry(self, kind: Kind, name: str, obj: type, aliases: tuple[str, ...], plugin: _Plugin) -> Entry:
         for n in (name, *aliases):
