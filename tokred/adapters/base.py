@@ -68,10 +68,22 @@ class VisionProbes:
     def __init__(self) -> None:
         self.pre_projector: list[torch.Tensor] = []
         self.cls_attention: list[torch.Tensor] = []
+        self._flat: dict[str, tuple[int, torch.Tensor]] = {}
 
     def clear(self) -> None:
         self.pre_projector.clear()
         self.cls_attention.clear()
+        self._flat.clear()
+
+    def flat(self, name: str) -> torch.Tensor:
+        """The captured rows of ``name`` concatenated (``[rows * cells, ...]``), computed once per
+        capture rather than once per image."""
+        values: list[torch.Tensor] = getattr(self, name)
+        cached = self._flat.get(name)
+        if cached is None or cached[0] != len(values):
+            cached = (len(values), torch.cat(values, dim=0))
+            self._flat[name] = cached
+        return cached[1]
 
 
 class Adapter:
@@ -151,7 +163,7 @@ class Adapter:
                 f"the {self.family} adapter promised {name} but captured {len(values)} encoder rows, fewer than "
                 f"image {span.image} of sample {span.sample} needs. {_FEWER_ENCODER_IMAGES}"
             )
-        flat = torch.cat(values, dim=0)                                        # [rows * cells, ...]
+        flat = probes.flat(name)                                               # [rows * cells, ...]
         rows = span.probe_rows.to(flat.device)
         gathered = flat[rows.clamp(min=0)]
         missing = (rows < 0).view(-1, *([1] * (gathered.dim() - 1)))
