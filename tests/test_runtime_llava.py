@@ -359,3 +359,20 @@ def test_attention_slices_are_the_same_in_query_blocks() -> None:
         assert torch.allclose(blocked, whole, rtol=0, atol=1e-6)
     assert whole.shape == (4, 40, 14)
     assert _attention_slice((query, key, 0.35), 1, torch.arange(0), keys, valid).shape == (4, 0, 14)
+
+
+def test_report_records_the_tokens_alive_after_each_gate() -> None:
+    model, processor = tiny_model("llava")
+    inputs = tiny_inputs(processor, ["Describe the image.", "What colour is the largest shape?"])
+    schedule = Schedule(
+        selector=SelectorStage(selector=RandomSelector(), budget=Budget(keep=64)),
+        gates=(GateStage(layer=3, gate=LastTokenAttentionGate(), budget=Budget(keep=32)),
+               GateStage(layer=6, gate=LastTokenAttentionGate(), budget=Budget(keep=8))),
+    )
+    with tokred.apply(model, schedule) as run, torch.no_grad():
+        model(**inputs)
+    for image in run.report.images:
+        (first_layer, first), (second_layer, second) = image.kept_after_gates
+        assert (first_layer, second_layer) == (3, 6) and (len(first), len(second)) == (32, 8)
+        assert set(second) <= set(first) <= set(image.kept_stage1)
+        assert second == image.kept_final

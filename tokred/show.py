@@ -265,29 +265,18 @@ def kept_tokens(model: nn.Module, inputs: Mapping[str, Any], method: Method | Sc
                 registry: Registry | None = None) -> list[tuple[int, int, list[int], list[tuple[int, list[int]]]]]:
     """Which visual tokens of each image enter the language model and survive each gate.
 
-    Runs one prefill of ``inputs`` under ``method`` (plus one per gate before the last).
+    Runs one prefill of ``inputs`` under ``method``.
 
     Returns:
         Per image of the batch, in report order: ``(sample, image, entering indices,
         [(gate layer, alive indices)])``; indices point into the image's visual tokens.
     """
     registry = registry or default_registry()
-    schedule = method if isinstance(method, Schedule) else method.schedule()
     with torch.no_grad():
         with apply(model, method, registry=registry) as run:
             model(**inputs, logits_to_keep=1)
-        report = run.report
-        alive: dict[tuple[int, int], list[tuple[int, list[int]]]] = {(r.sample, r.image): [] for r in report.images}
-        for i, layer in enumerate(run.gate_layers):
-            if i == len(run.gate_layers) - 1:
-                gate_report = report
-            else:
-                with apply(model, schedule.model_copy(update={"gates": schedule.gates[: i + 1]}), registry=registry) as cut:
-                    model(**inputs, logits_to_keep=1)
-                gate_report = cut.report
-            for record in gate_report.images:
-                alive[(record.sample, record.image)].append((layer, list(record.kept_final)))
-    return [(r.sample, r.image, list(r.kept_stage1), alive[(r.sample, r.image)]) for r in report.images]
+    return [(r.sample, r.image, list(r.kept_stage1), [(layer, list(kept)) for layer, kept in r.kept_after_gates])
+            for r in run.report.images]
 
 
 def show(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: Method | Schedule,

@@ -677,6 +677,8 @@ class Run:
             keep[sample, visual_local] = False
             keep[sample, kept_local] = True
             self._update_final(sample, prefill, origin[sample, kept_local])
+        for record in self._report.images:
+            record.kept_after_gates.append((layer, list(record.kept_final)))
         return left_pack(keep)
 
     def _update_final(self, sample: int, prefill: _Prefill, kept_origin: torch.Tensor) -> None:

@@ -22,6 +22,8 @@ class ImageRecord:
         tile_sizes: tokens per tile, indexed by tile (one entry for untiled images).
         thumbnail_tile: the tile holding the whole-image thumbnail of a tiled image, else ``None``.
         kept_per_tile: how many of each tile's tokens survived every gate (``kept_final`` per tile).
+        kept_after_gates: ``(layer, indices)`` for every gate in layer order: the tokens alive from
+            that decoder layer on (the last entry's indices are ``kept_final``).
     """
 
     sample: int
@@ -33,6 +35,7 @@ class ImageRecord:
     tile_sizes: list[int] = field(default_factory=list)
     thumbnail_tile: int | None = None
     kept_per_tile: list[int] = field(default_factory=list)
+    kept_after_gates: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 @dataclass
