@@ -19,8 +19,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = ["OBSERVED_IMPLEMENTATION", "observe_attention", "AttentionCallback"]
 
@@ -53,6 +51,10 @@ def _observed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
 
 def _ensure_registered() -> None:
+    # transformers is imported where a run starts, not with tokred: `import tokred` stays light.
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     if OBSERVED_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(OBSERVED_IMPLEMENTATION, _observed_attention)
 
@@ -66,6 +68,8 @@ def observe_attention(module: nn.Module, callback: AttentionCallback) -> Callabl
     name = original_config._attn_implementation
     # Modeling files define their eager attention as a module-level function the module falls back to.
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     implementation = ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)
     if implementation is None:
         raise RuntimeError(f"cannot find the {name!r} attention implementation of {type(module).__name__}")

@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache
 
 from ..adapters.base import Adapter, ImageSpan, VisionProbes
 from ..budget import Budget, split_proportionally
@@ -317,6 +316,8 @@ class Run:
 
     @staticmethod
     def _check_cache(cache: Any) -> None:
+        from transformers import DynamicCache
+
         if cache is not None and (not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False)):
             raise RuntimeStateError(
                 f"{type(cache).__name__} is not supported: pruned layers keep shorter caches, which needs a "
