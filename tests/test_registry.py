@@ -135,3 +135,13 @@ def test_methods_and_components_options_are_all_described() -> None:
         for entry in registry.entries(kind):  # type: ignore[arg-type]
             for field_name, field in entry.obj.model_fields.items():
                 assert field.description, f"{kind} {entry.name}: option {field_name} has no description"
+
+
+def test_importing_tokred_does_not_import_transformers() -> None:
+    """transformers takes seconds to import; library users pay for it only when a run starts."""
+    import subprocess
+    import sys
+
+    code = "import sys, tokred; tokred.Budget(keep=4); print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
