@@ -272,3 +272,20 @@ def test_demo_runs_on_the_tiled_families(family: str, visual: int, kept: int, ca
 def test_demo_rejects_a_pattern_matching_no_method(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--methods", "zz*"], registry=_installed_registry()) == 2
     assert "no registered method matches 'zz*'; registered: " in capsys.readouterr().err
+
+
+def test_demo_rejects_an_unknown_family_naming_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--family", "llava3"], registry=_installed_registry()) == 2
+    err = capsys.readouterr().err
+    assert "unknown family 'llava3'" in err and "llava_next" in err and "internvl" in err
+
+
+def test_the_cli_starts_without_importing_transformers() -> None:
+    """--help and list answer in about a second and a half instead of five: transformers (and the
+    tiny models built on it) are imported by the commands that use them."""
+    import subprocess
+    import sys
+
+    code = "import sys; from tokred.cli import build_parser; build_parser(); print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

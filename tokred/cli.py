@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Sequence, TextIO
 
 import torch
-import transformers
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__
@@ -56,7 +55,6 @@ from .method import Method
 from .registry import Entry, Kind, Registry, default_registry
 from .runtime import RunReport, apply
 from .show import show
-from .testing import FAMILIES, make_image, tiny_model
 
 __all__ = ["main", "build_parser", "CommandError"]
 
@@ -368,7 +366,8 @@ def _add_demo(commands: Any) -> None:
             "  tokred demo --json"
         ),
     )
-    p.add_argument("--family", choices=FAMILIES, default="llava", help="tiny model family (default: llava)")
+    p.add_argument("--family", default="llava", metavar="FAMILY",
+                   help="tiny model family, one of tokred.testing.FAMILIES (default: llava)")
     p.add_argument("--keep-ratio", type=float, default=0.1, metavar="R",
                    help="per-image budget every method is created with (default: 0.1)")
     p.add_argument("--methods", default="*", metavar="GLOB", help="methods to compare, fnmatch pattern (default: all)")
@@ -417,6 +416,10 @@ class _Contender:
 
 
 def _cmd_demo(args: argparse.Namespace, registry: Registry) -> int:
+    from .testing import FAMILIES, make_image, tiny_model  # imports transformers: only when a command needs it
+
+    if args.family not in FAMILIES:
+        raise CommandError(f"unknown family {args.family!r}; tiny models exist for: {', '.join(FAMILIES)}")
     names = registry.list_methods(args.methods)
     if not names:
         raise CommandError(
@@ -560,6 +563,8 @@ def _add_model_source(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 def _from_pretrained(model_id: str, dtype: str, attn_implementation: str, device: torch.device) -> tuple[Any, Any]:
     """``(model, processor)`` of a hub id or local path, through the transformers Auto classes."""
+    import transformers
+
     started = time.perf_counter()
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_id)
@@ -602,6 +607,8 @@ def _load_model_source(args: argparse.Namespace) -> tuple[Any, Any, torch.device
 
 def _images_or_synthetic(paths: list[Path] | None) -> list[Image.Image]:
     """The images at ``paths``, or one synthetic test image (:func:`tokred.testing.make_image`)."""
+    from .testing import make_image
+
     return [_open_image(path) for path in paths] if paths else [make_image()]
 
 

@@ -17,6 +17,7 @@ The result is a JSON-ready dict; its fields are documented in ``docs/benchmarks.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
-import transformers
 
 from ..adapters.base import VisionProbes
 from ..method import Method
@@ -339,7 +339,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
     info: dict[str, Any] = {
         "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": importlib.metadata.version("transformers"),
         "platform": platform.platform(terse=True), "gpu": None,
     }
     if device.type == "cuda":

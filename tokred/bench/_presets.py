@@ -16,11 +16,10 @@ the real vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import transformers
-
-from ..testing import tiny_model
+if TYPE_CHECKING:
+    import transformers
 
 __all__ = ["Preset", "PRESETS", "build_preset"]
 
@@ -43,6 +42,8 @@ class Preset:
 
     def build(self, attn_implementation: str = "sdpa") -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
         """``(model, processor)``; the model is float32, in eval mode, on the CPU."""
+        from ..testing import tiny_model
+
         return tiny_model(self.family, attn_implementation=attn_implementation, **self.overrides)
 
 
