@@ -296,3 +296,12 @@ def test_a_gate_that_ignores_the_tile_shares_is_caught() -> None:
     schedule = Schedule(gates=(GateStage(layer=2, gate=FirstK(), budget=Budget(keep=10, spread="tiles")),))
     with tokred.apply(model, schedule), torch.no_grad(), pytest.raises(MethodContractError, match="keep_per_tile"):
         model(**inputs)
+
+
+def test_count_visual_tokens_counts_the_adapters_candidates() -> None:
+    model, processor = tiny_model("llava_next")
+    inputs = _inputs(processor, [make_image(), make_image(200, 600, seed=1)])
+    assert REGISTRY.adapter_for(model).count_visual_tokens(inputs) == 720 + 576
+    assert REGISTRY.adapter_for(model, {"newline_tokens": "prune"}).count_visual_tokens(inputs) == 744 + 612
+    text_only = processor(text=["USER: hello ASSISTANT:"], return_tensors="pt")
+    assert REGISTRY.adapter_for(model).count_visual_tokens(text_only) == 0

@@ -49,7 +49,6 @@ from .bench import (
     selector_scaling,
     timed,
 )
-from .adapters.base import VisionProbes
 from .errors import OptionsError, TokredError
 from .method import Method
 from .registry import Entry, Kind, Registry, default_registry
@@ -427,9 +426,7 @@ def _cmd_demo(args: argparse.Namespace, registry: Registry) -> int:
         )
     model, processor = tiny_model(args.family, attn_implementation=args.attn_implementation)
     inputs = processor(images=[make_image()], text=_chat_prompt(processor, 1, _DEMO_PROMPT), return_tensors="pt")
-    # The adapter's candidates: image-token positions that always stay (LLaVA-NeXT's newlines) do not count.
-    spans = registry.adapter_for(model).image_spans(inputs["input_ids"], VisionProbes(), inputs)
-    num_visual = sum(int(span.positions.numel()) for span in spans)
+    num_visual = registry.adapter_for(model).count_visual_tokens(inputs)
 
     contenders = [_Contender("unreduced", None, "all", num_visual, num_visual, num_visual, float(num_visual))]
     contenders += [_create_contender(registry, name, args.keep_ratio) for name in names]

@@ -186,6 +186,13 @@ class Adapter:
         ``image_sizes``, ``image_grid_thw``, ...), for layouts that depend on the image."""
         raise NotImplementedError
 
+    def count_visual_tokens(self, inputs: Mapping[str, Any]) -> int:
+        """The visual tokens of a processor output ``inputs`` (every image of every sample) that are
+        candidates for reduction: what budgets and run reports count. Image-token positions that
+        always stay (LLaVA-NeXT's newline tokens, by default) are not included."""
+        spans = self.image_spans(inputs["input_ids"], VisionProbes(), inputs)
+        return sum(int(span.positions.numel()) for span in spans)
+
     def full_position_ids(self, position_ids: torch.Tensor | None, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None, past_length: int) -> torch.Tensor:
         """Position ids the unmodified model would use for the whole input, ``[B, L]`` (1-D RoPE)

@@ -88,33 +88,24 @@ class InternVLAdapter(Adapter):
 
     # ------------------------------------------------------------------- images
 
-    def _tile_counts(self, input_ids: torch.Tensor) -> list[int]:
-        """Tiles per image in encoder order: each image is one run of context tokens between
-        ``<img>`` and ``</img>``, a whole number of tiles long."""
-        per_tile = self.tokens_per_tile()
-        counts = []
-        for row, positions in split_image_tokens(input_ids, self.image_token_id(), None):
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        """Every image's tokens, row-major over the batch: each image is one run of context tokens
+        between ``<img>`` and ``</img>``, a whole number of tiles long."""
+        side, per_tile = self._token_side(), self.tokens_per_tile()
+        spans: list[ImageSpan] = []
+        per_row: dict[int, int] = {}
+        first_tile = 0
+        for encoder_index, (row, positions) in enumerate(split_image_tokens(input_ids, self.image_token_id(), None)):
             if positions.numel() % per_tile:
                 raise RuntimeStateError(
                     f"row {row} has an image of {positions.numel()} tokens, not a multiple of {per_tile} per tile"
                 )
-            counts.append(positions.numel() // per_tile)
-        return counts
-
-    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
-        side, per_tile = self._token_side(), self.tokens_per_tile()
-        tiles = self._tile_counts(input_ids)
-        spans: list[ImageSpan] = []
-        per_row: dict[int, int] = {}
-        first_tile = 0
-        for encoder_index, ((row, positions), count) in enumerate(
-            zip(split_image_tokens(input_ids, self.image_token_id(), [t * per_tile for t in tiles]), tiles)
-        ):
+            tiles = positions.numel() // per_tile
             image = per_row.get(row, 0)
             per_row[row] = image + 1
             probe_rows = torch.arange(positions.numel()) + first_tile * per_tile
-            first_tile += count
-            spans.append(ImageSpan(row, image, positions, tiles_layout(count, side, self.use_thumbnail),
+            first_tile += tiles
+            spans.append(ImageSpan(row, image, positions, tiles_layout(tiles, side, self.use_thumbnail),
                                    encoder_index, probe_rows))
         return spans
 

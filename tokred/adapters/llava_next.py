@@ -141,9 +141,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # ------------------------------------------------------------------ layout
 
-    def _side(self) -> int:
-        return self._grid_side()
-
     def _tile_shapes(self) -> list[tuple[int, int]]:
         """Every ``(nph, npw)`` the pinpoints allow, in pinpoint order, without repeats."""
         tile_px = int(self.model.config.vision_config.image_size)  # type: ignore[union-attr]
@@ -154,7 +151,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """``(layout with newlines, probe cells, encoder rows)`` of every image in encoder order."""
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-        side = self._side()
+        side = self._grid_side()
         sizes = inputs.get("image_sizes")
         if sizes is not None:
             tile_px = int(self.model.config.vision_config.image_size)  # type: ignore[union-attr]
@@ -174,7 +171,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 "cannot tell the LLaVA-NeXT image layout: the call carries neither image_sizes nor the packed image "
                 "features generate() computes; pass the processor's image_sizes"
             )
-        side = self._side()
+        side = self._grid_side()
         newline_vector = self.multimodal_model().image_newline
         grids: list[tuple[int, int]] = []
         for index, features in enumerate(packed):
@@ -210,7 +207,7 @@ class LlavaNextAdapter(LlavaAdapter):
         spans: list[ImageSpan] = []
         per_row: dict[int, int] = {}
         first_row = 0
-        cells_per_row = self._side() ** 2
+        cells_per_row = self._grid_side() ** 2
         for encoder_index, ((row, positions), (layout, cells, encoder_rows)) in enumerate(zip(chunks, layouts)):
             probe_rows = torch.where(cells >= 0, cells + first_row * cells_per_row, -1)
             first_row += encoder_rows

@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from ..adapters.base import VisionProbes
 from ..method import Method
 from ..registry import Registry
 from ..runtime import RunReport, apply
@@ -258,9 +257,7 @@ class Bench:
         input_ids = self.inputs["input_ids"]
         mask = self.inputs.get("attention_mask")
         real_tokens = int(mask.sum()) if mask is not None else int(input_ids.shape[1])
-        # The adapter's candidates; image-token positions that always stay (LLaVA-NeXT's newlines) are text here.
-        spans = self.adapter.image_spans(input_ids, VisionProbes(), self.inputs)
-        visual_tokens = sum(int(span.positions.numel()) for span in spans)
+        visual_tokens = self.adapter.count_visual_tokens(self.inputs)  # positions that always stay count as text
         text_tokens = real_tokens - visual_tokens
         num_layers = self.adapter.num_layers
         kv_dtype = next(self.adapter.decoder_layers()[0].parameters()).dtype

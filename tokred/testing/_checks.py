@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ..adapters.base import VisionProbes
 from ..errors import BudgetError, OptionsError, TokredError
 from ..method import Method
 from ..registry import Registry, default_registry
@@ -193,8 +192,7 @@ def check_layer_counts(case: Case) -> None:
     layers = list(adapter.decoder_layers())
     # The adapter's candidates, not every image-token position: LLaVA-NeXT's newline tokens are
     # image tokens that stay (they count as text here).
-    spans = adapter.image_spans(inputs["input_ids"], VisionProbes(), inputs)
-    image_tokens = sum(int(span.positions.numel()) for span in spans)
+    image_tokens = adapter.count_visual_tokens(inputs)
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
     with apply(model, case.method, registry=case.registry) as run, _count_layer_inputs(layers) as lengths:
         _logits(model, inputs)
