@@ -1,0 +1,1 @@
+"""Evaluation: accuracy of reduced models."""
