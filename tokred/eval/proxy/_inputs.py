@@ -111,12 +111,14 @@ class Batch:
 
 
 def assemble(model: transformers.LlavaForConditionalGeneration, prompts: Sequence[Prompt], visual: torch.Tensor,
-             keep: torch.Tensor | None = None, targets: Sequence[Sequence[int]] | None = None) -> Batch:
+             keep: torch.Tensor | None = None, targets: Sequence[Sequence[int]] | None = None, *,
+             gathered: bool = False) -> Batch:
     """Build the language model's inputs from prompts and projected visual tokens.
 
     Args:
         prompts: ``B`` prompts.
-        visual: ``[B, 256, D]`` projected visual tokens.
+        visual: ``[B, 256, D]`` projected visual tokens, or ``[B, k, D]`` already gathered at
+            ``keep`` when ``gathered``.
         keep: ``[B, k]`` sorted visual-token indices to keep per row (``None``: all 256).
         targets: token ids to append after each prompt (the answer and ``</s>``), for training.
     """
@@ -130,7 +132,7 @@ def assemble(model: transformers.LlavaForConditionalGeneration, prompts: Sequenc
         pre = torch.tensor(prompt.prefix, dtype=torch.long)
         post = torch.tensor(tail, dtype=torch.long)
         n_pre, k = len(prompt.prefix), keep.shape[1]
-        rows.append(torch.cat([embed(pre), visual[b, keep[b]], embed(post)]))
+        rows.append(torch.cat([embed(pre), visual[b] if gathered else visual[b, keep[b]], embed(post)]))
         positions.append(torch.cat([
             torch.arange(n_pre), n_pre + keep[b], n_pre + NUM_VISUAL + torch.arange(len(tail)),
         ]))
@@ -143,19 +145,17 @@ def assemble(model: transformers.LlavaForConditionalGeneration, prompts: Sequenc
             lab[last:last + len(targets[b])] = torch.tensor(list(targets[b]), dtype=torch.long)
             labels.append(lab)
     length = max(len(r) for r in rows)
-    dim = rows[0].shape[-1]
-    inputs = rows[0].new_zeros(batch, length, dim)
-    pos = torch.zeros(batch, length, dtype=torch.long)
-    mask = torch.zeros(batch, length, dtype=torch.long)
-    lab_t = torch.full((batch, length), -100, dtype=torch.long) if targets is not None else None
-    for b, r in enumerate(rows):
-        inputs[b, :len(r)] = r
-        pos[b, :len(r)] = positions[b]
+    # Padded by concatenation and stacked: in-place writes into one [B, L, D] tensor would make
+    # autograd copy the whole gradient once per row.
+    inputs = torch.stack([torch.cat([r, r.new_zeros(length - len(r), r.shape[-1])]) for r in rows])
+    pos = torch.stack([
         # padding continues the row's positions so that every position id stays valid
-        pos[b, len(r):] = positions[b][-1] + 1 + torch.arange(length - len(r))
-        mask[b, :len(r)] = 1
-        if lab_t is not None:
-            lab_t[b, :len(r)] = labels[b]
+        torch.cat([p, p[-1] + 1 + torch.arange(length - len(p))]) for p in positions
+    ])
+    mask = torch.stack([(torch.arange(length) < len(r)).long() for r in rows])
+    lab_t = None
+    if targets is not None:
+        lab_t = torch.stack([torch.cat([lab, lab.new_full((length - len(lab),), -100)]) for lab in labels])
     return Batch(inputs, pos, mask, torch.tensor(lasts), torch.stack(slots), lab_t)
 
 

@@ -35,7 +35,7 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 # Every word the chat template and the questions use (lower case; the tokenizer lower-cases input).
 _WORDS = (
-    "user", "assistant", ":", "?", "what", "colour", "is", "the", "there", "a", "on", "at", "or",
+    "user", "assistant", ":", "?", "what", "colour", "is", "the", "there", "a", "where", "or",
     "left", "right", "top", "bottom", "yes", "no", *COLOURS, *SHAPES,
 )
 
@@ -51,6 +51,9 @@ PROXY_DIMENSIONS: dict[str, Any] = {
     "num_key_value_heads": 2,
     "intermediate_size": 256,
     "max_position_embeddings": 320,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
 }
 
 
@@ -118,6 +121,9 @@ def build_model(tokenizer: transformers.PreTrainedTokenizerFast, *, seed: int = 
         num_key_value_heads=p["num_key_value_heads"],
         intermediate_size=p["intermediate_size"],
         max_position_embeddings=p["max_position_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(p["rope_theta"])},
+        initializer_range=p["initializer_range"],
+        tie_word_embeddings=bool(p["tie_word_embeddings"]),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -129,6 +135,7 @@ def build_model(tokenizer: transformers.PreTrainedTokenizerFast, *, seed: int = 
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
+        tie_word_embeddings=bool(p["tie_word_embeddings"]),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

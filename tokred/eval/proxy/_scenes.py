@@ -18,6 +18,7 @@ drawing).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "KINDS", "IMAGE_SIZE", "PATCH_SIZE", "GRID", "SceneObject", "ProxyItem",
-    "make_item", "proxy_items", "item_seed", "question_text", "choices_for",
+    "make_item", "proxy_items", "item_seed", "question_text", "choices_for", "ask", "askable", "side_of",
 ]
 
 IMAGE_SIZE = 224
@@ -52,7 +53,8 @@ KINDS: tuple[str, ...] = ("colour", "presence", "left_right", "top_bottom")
 
 _COLOUR_NAMES = tuple(COLOURS)
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 5
-_MIN_SIZE, _MAX_SIZE = 24, 32  # object bounding-box side in pixels (about 2 to 3 patches)
+_MIN_SIZE, _MAX_SIZE = 26, 30  # object bounding-box side in pixels (about 2 x 2 patches)
+_JITTER = 2  # pixels an object's centre may sit off its patch-grid corner
 _HALF = IMAGE_SIZE // 2
 _SIDE_MARGIN = 4  # an object asked left/right (top/bottom) lies this far inside its half
 _NOISE_SIGMA = 14.0
@@ -123,10 +125,11 @@ def question_text(kind: str, shape: str, colour: str | None = None) -> str:
         if colour is None:
             raise ValueError("a presence question needs a colour")
         return f"is there a {colour} {shape}?"
+    # Every question ends with its shape word, so that word sits at the same place before the answer.
     if kind == "left_right":
-        return f"is the {shape} on the left or the right?"
+        return f"left or right: where is the {shape}?"
     if kind == "top_bottom":
-        return f"is the {shape} at the top or the bottom?"
+        return f"top or bottom: where is the {shape}?"
     raise ValueError(f"unknown question kind {kind!r}; valid: {', '.join(KINDS)}")
 
 
@@ -274,25 +277,33 @@ def _patch_counts(mask: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarra
     return counts.reshape(-1)
 
 
+def _axis_ok(lo: int, hi: int, half: str | None) -> bool:
+    """Whether ``lo .. hi`` lies inside the image and, when ``half`` is given, inside that half
+    (4 px clear of the middle)."""
+    if lo < 0 or hi > IMAGE_SIZE - 1:
+        return False
+    if half == "low":
+        return hi <= _HALF - _SIDE_MARGIN - 1
+    if half == "high":
+        return lo >= _HALF + _SIDE_MARGIN
+    return True
+
+
 def _place(rng: np.random.Generator, side: int, taken: list[tuple[int, int, int, int]],
-           x_range: tuple[int, int], y_range: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    """A box of ``side`` with its corner in the given ranges, at least 4 px from every taken box."""
-    for _ in range(60):
-        x0 = int(rng.integers(x_range[0], x_range[1] + 1))
-        y0 = int(rng.integers(y_range[0], y_range[1] + 1))
+           x_half: str | None, y_half: str | None) -> tuple[int, int, int, int] | None:
+    """A box of ``side`` centred on a patch-grid corner (plus up to 2 px of jitter), so that the
+    object covers about 2 x 2 patches, one quadrant each; inside the image (and the given halves),
+    at least 4 px from every taken box. ``None`` when 100 draws found no room."""
+    for _ in range(100):
+        gx, gy = (int(v) for v in rng.integers(1, GRID, size=2))
+        jx, jy = (int(v) for v in rng.integers(-_JITTER, _JITTER + 1, size=2))
+        x0, y0 = gx * PATCH_SIZE + jx - side // 2, gy * PATCH_SIZE + jy - side // 2
         box = (x0, y0, x0 + side - 1, y0 + side - 1)
+        if not (_axis_ok(box[0], box[2], x_half) and _axis_ok(box[1], box[3], y_half)):
+            continue
         if all(box[0] > t[2] + 4 or box[2] < t[0] - 4 or box[1] > t[3] + 4 or box[3] < t[1] - 4 for t in taken):
             return box
     return None
-
-
-def _corner_range(side: int, half: str | None) -> tuple[int, int]:
-    """Range of an object's corner coordinate on one axis: anywhere, or inside one half."""
-    if half == "low":
-        return 0, _HALF - _SIDE_MARGIN - side
-    if half == "high":
-        return _HALF + _SIDE_MARGIN, IMAGE_SIZE - side
-    return 0, IMAGE_SIZE - side
 
 
 def make_item(seed: int, kind: str | None = None) -> ProxyItem:
@@ -317,9 +328,7 @@ def make_item(seed: int, kind: str | None = None) -> ProxyItem:
     boxes: list[tuple[int, int, int, int]] = []
     kept: list[int] = []
     for i, side in enumerate(sides):
-        xr = _corner_range(side, x_half if i == 0 else None)
-        yr = _corner_range(side, y_half if i == 0 else None)
-        box = _place(rng, side, boxes, xr, yr)
+        box = _place(rng, side, boxes, x_half if i == 0 else None, y_half if i == 0 else None)
         if box is None:  # no room left: the scene has fewer objects (never the asked one)
             continue
         boxes.append(box)
@@ -338,7 +347,38 @@ def make_item(seed: int, kind: str | None = None) -> ProxyItem:
     pixels = np.asarray(canvas, dtype=np.float32) + _noise_bank()[oy:oy + IMAGE_SIZE, ox:ox + IMAGE_SIZE]
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
-    target = 0
+    base = ProxyItem(image, "", [], "", kind, [], seed, objects, 0, coverage)
+    return ask(base, 0, kind, rng)
+
+
+def side_of(obj: SceneObject, axis: str) -> str | None:
+    """``"low"`` (left / top), ``"high"`` (right / bottom) or ``None`` (too close to the middle to
+    be asked) for ``axis`` ``"x"`` or ``"y"``."""
+    lo, hi = (obj.box[0], obj.box[2]) if axis == "x" else (obj.box[1], obj.box[3])
+    if hi <= _HALF - _SIDE_MARGIN - 1:
+        return "low"
+    if lo >= _HALF + _SIDE_MARGIN:
+        return "high"
+    return None
+
+
+def askable(item: ProxyItem, target: int, kind: str) -> bool:
+    """Whether ``kind`` can be asked about ``item.objects[target]`` (positions need the object
+    inside one half, 4 px clear of the middle)."""
+    if kind == "left_right":
+        return side_of(item.objects[target], "x") is not None
+    if kind == "top_bottom":
+        return side_of(item.objects[target], "y") is not None
+    return kind in KINDS
+
+
+def ask(item: ProxyItem, target: int, kind: str, rng: np.random.Generator) -> ProxyItem:
+    """The same scene as ``item`` with a question of ``kind`` about ``item.objects[target]``
+    (``rng`` draws the colour a presence question names). Raises ``ValueError`` when the question
+    cannot be asked (:func:`askable`)."""
+    if not askable(item, target, kind):
+        raise ValueError(f"cannot ask {kind} about object {target} of item {item.seed}")
+    objects = item.objects
     asked = objects[target]
     if kind == "colour":
         question, answer = question_text(kind, asked.shape), asked.colour
@@ -347,7 +387,7 @@ def make_item(seed: int, kind: str | None = None) -> ProxyItem:
             colour, answer = asked.colour, "yes"
         else:
             # Half of the negatives name a colour another object has (binding matters).
-            others = sorted({o.colour for o in objects[1:]} - {asked.colour})
+            others = sorted({o.colour for j, o in enumerate(objects) if j != target} - {asked.colour})
             if others and rng.random() < 0.5:
                 colour = others[int(rng.integers(0, len(others)))]
             else:
@@ -356,8 +396,9 @@ def make_item(seed: int, kind: str | None = None) -> ProxyItem:
             answer = "no"
         question = question_text(kind, asked.shape, colour)
     elif kind == "left_right":
-        question, answer = question_text(kind, asked.shape), "left" if x_half == "low" else "right"
+        question, answer = question_text(kind, asked.shape), "left" if side_of(asked, "x") == "low" else "right"
     else:
-        question, answer = question_text(kind, asked.shape), "top" if y_half == "low" else "bottom"
-    target_tokens = [int(t) for t in np.flatnonzero(coverage[target] > 0)]
-    return ProxyItem(image, question, choices_for(kind), answer, kind, target_tokens, seed, objects, target, coverage)
+        question, answer = question_text(kind, asked.shape), "top" if side_of(asked, "y") == "low" else "bottom"
+    target_tokens = [int(t) for t in np.flatnonzero(item.coverage[target] > 0)]
+    return dataclasses.replace(item, question=question, choices=choices_for(kind), answer=answer, kind=kind,
+                               target_tokens=target_tokens, target=target)
