@@ -24,6 +24,7 @@ from .errors import (
     RuntimeStateError,
     ScheduleError,
     TokredError,
+    TransformersInterfaceError,
     UnsupportedModelError,
 )
 from .hookspecs import hookimpl, hookspec
@@ -47,7 +48,7 @@ __all__ = [
     "VisualTokens", "Selection", "GateState", "ImageLayout", "Run", "RunReport",
     # errors
     "TokredError", "OptionsError", "BudgetError", "ScheduleError", "UnsupportedModelError", "PluginError",
-    "RuntimeStateError", "MethodContractError",
+    "RuntimeStateError", "MethodContractError", "TransformersInterfaceError",
 ]
 
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .. import compat
+from ..compat import Keyword
 from ..errors import RuntimeStateError
 from ..tokens import ImageLayout
 
@@ -74,6 +76,20 @@ class VisionProbes:
         self.pre_projector.clear()
         self.cls_attention.clear()
         self._flat.clear()
+
+    def snapshot(self) -> VisionProbes:
+        """A copy holding the same captured tensors (not copied), for :meth:`restore`."""
+        copy = VisionProbes()
+        copy.pre_projector = list(self.pre_projector)
+        copy.cls_attention = list(self.cls_attention)
+        return copy
+
+    def restore(self, snapshot: VisionProbes) -> None:
+        """Replace what is captured with ``snapshot``'s captures, in place (capture hooks keep
+        writing into this object)."""
+        self.clear()
+        self.pre_projector.extend(snapshot.pre_projector)
+        self.cls_attention.extend(snapshot.cls_attention)
 
     def flat(self, name: str) -> torch.Tensor:
         """The captured rows of ``name`` concatenated (``[rows * cells, ...]``), computed once per
@@ -190,7 +206,7 @@ class Adapter:
         """The visual tokens of a processor output ``inputs`` (every image of every sample) that are
         candidates for reduction: what budgets and run reports count. Image-token positions that
         always stay (LLaVA-NeXT's newline tokens, by default) are not included."""
-        spans = self.image_spans(inputs["input_ids"], VisionProbes(), inputs)
+        spans = self.image_spans(inputs[Keyword.INPUT_IDS], VisionProbes(), inputs)
         return sum(int(span.positions.numel()) for span in spans)
 
     def full_position_ids(self, position_ids: torch.Tensor | None, input_ids: torch.Tensor,
@@ -267,7 +283,7 @@ class Adapter:
 
     def check_model_state(self) -> None:
         """Refuse models in a state the runtime cannot handle (before any forward)."""
-        impl = getattr(self.text_config, "_attn_implementation", None)
+        impl = getattr(self.text_config, compat.ATTENTION_IMPLEMENTATION, None)
         if impl not in ("sdpa", "eager"):
             raise RuntimeStateError(
                 f"attention implementation {impl!r} is not supported yet; load the model with "

@@ -44,6 +44,8 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn as nn
 
+from .. import compat
+from ..compat import Keyword
 from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
 from .base import ImageSpan, VisionProbes, split_image_tokens
@@ -70,7 +72,7 @@ def anyres_layout(tiles_high: int, tiles_wide: int, side: int, image_size: tuple
         ``(layout, probe_cells)``: the layout (``extra`` marks newline tokens) and ``[N]`` long,
         each token's cell in the image's encoder rows (``row * s * s + cell``; -1 for newlines).
     """
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
+    unpad_image = compat.modeling_function("llava_next.modeling_llava_next", "unpad_image")
 
     height, width = tiles_high * side, tiles_wide * side
     if image_size is not None:
@@ -149,10 +151,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _layouts(self, inputs: Mapping[str, Any]) -> list[tuple[ImageLayout, torch.Tensor, int]]:
         """``(layout with newlines, probe cells, encoder rows)`` of every image in encoder order."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+        get_anyres_image_grid_shape = compat.modeling_function("llava_next.modeling_llava_next", "get_anyres_image_grid_shape")
 
         side = self._grid_side()
-        sizes = inputs.get("image_sizes")
+        sizes = inputs.get(Keyword.IMAGE_SIZES)
         if sizes is not None:
             tile_px = int(self.model.config.vision_config.image_size)  # type: ignore[union-attr]
             result = []
@@ -164,7 +166,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return self._layouts_from_features(inputs)
 
     def _layouts_from_features(self, inputs: Mapping[str, Any]) -> list[tuple[ImageLayout, torch.Tensor, int]]:
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_IMAGE)
         packed = getattr(encoded, "pooler_output", None)
         if not isinstance(packed, (list, tuple)):
             raise RuntimeStateError(

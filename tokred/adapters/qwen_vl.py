@@ -37,6 +37,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .. import compat
+from ..compat import Keyword
 from ..errors import RuntimeStateError, ScheduleError
 from ..tokens import ImageLayout
 from .base import Adapter, ImageSpan, VisionProbes, split_image_tokens
@@ -78,7 +80,7 @@ class QwenVLAdapter(Adapter):
         ``image_grid_thw`` from the model's inputs; :meth:`image_spans` then reads each image's grid
         from its M-RoPE position ids instead.
         """
-        grid = inputs.get("image_grid_thw")
+        grid = inputs.get(Keyword.IMAGE_GRID_THW)
         if grid is None:
             return None
         m = self._merge()
@@ -91,7 +93,7 @@ class QwenVLAdapter(Adapter):
         grids = self.image_grids(inputs)
         if grids is not None:
             return [t * h * w for t, h, w in grids]
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_IMAGE)
         features = getattr(encoded, "pooler_output", None)
         if isinstance(features, (tuple, list)):
             return [int(f.shape[0]) for f in features]
@@ -108,7 +110,8 @@ class QwenVLAdapter(Adapter):
         """
         # The call's video *inputs* decide, not video token ids: a generated <|video_pad|> fed back
         # without video features is plain text to the model, and to tokred.
-        if inputs.get("pixel_values_videos") is not None or (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
+        if (inputs.get(Keyword.PIXEL_VALUES_VIDEOS) is not None
+                or (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_VIDEO) is not None):
             raise RuntimeStateError(
                 f"{type(self.model).__name__}: video inputs are not supported by tokred yet (only images); "
                 "run videos without tokred.apply"
@@ -122,7 +125,7 @@ class QwenVLAdapter(Adapter):
             if grids is not None:
                 t, h, w = grids[encoder_index]
             else:
-                t, h, w = self._grid_from_positions(inputs.get("position_ids"), row, positions)
+                t, h, w = self._grid_from_positions(inputs.get(Keyword.POSITION_IDS), row, positions)
             if t * h * w != positions.numel():
                 raise RuntimeStateError(
                     f"image {encoder_index} has {positions.numel()} tokens but a {t}x{h}x{w} merged grid"
@@ -170,8 +173,12 @@ class QwenVLAdapter(Adapter):
             steps = counted[:, -num_new:].masked_fill(attention_mask[:, -num_new:] == 0, 0).to(device)   # [B, n]
         else:
             steps = (torch.arange(num_new, device=device) + logical_length)[None].expand(batch, -1)
-        deltas = getattr(self.multimodal_model(), "rope_deltas", None)
-        if deltas is None:
+        model = self.multimodal_model()
+        if not hasattr(model, compat.ROPE_DELTAS):  # a rename would otherwise decode at shifted positions
+            raise compat.interface_error(f"{type(model).__name__}.{compat.ROPE_DELTAS} (M-RoPE offsets of the latest prefill)",
+                                         "the model has no such attribute")
+        deltas = getattr(model, compat.ROPE_DELTAS)
+        if deltas is None:  # no prefill with images yet: text positions advance all axes alike
             deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
         deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)   # [B, 1]
         return (steps + deltas)[None].expand(3, batch, num_new)
@@ -218,16 +225,16 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
 
     def reduce_language_model_kwargs(self, kwargs: dict[str, Any], origin: torch.Tensor) -> dict[str, Any]:
-        mask = kwargs.get("visual_pos_masks")
-        embeds = kwargs.get("deepstack_visual_embeds")
+        mask = kwargs.get(Keyword.VISUAL_POS_MASKS)
+        embeds = kwargs.get(Keyword.DEEPSTACK_VISUAL_EMBEDS)
         if mask is None or embeds is None:
             return {}
         new_mask, rows = _reduce_visual_mask(mask, origin)
-        return {"visual_pos_masks": new_mask, "deepstack_visual_embeds": [e[rows.to(e.device)] for e in embeds]}
+        return {Keyword.VISUAL_POS_MASKS: new_mask, Keyword.DEEPSTACK_VISUAL_EMBEDS: [e[rows.to(e.device)] for e in embeds]}
 
     def follow_reduction(self, held: dict[str, Any], local: torch.Tensor) -> None:
-        mask = held.get("visual_pos_masks")
-        embeds = held.get("deepstack_visual_embeds")
+        mask = held.get(Keyword.VISUAL_POS_MASKS)
+        embeds = held.get(Keyword.DEEPSTACK_VISUAL_EMBEDS)
         if mask is None or embeds is None:
             return
         new_mask, rows = _reduce_visual_mask(mask, local)

@@ -12,13 +12,15 @@ its kernel untouched, and removal restores the original config object.
 from __future__ import annotations
 
 import copy
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from .. import compat
+from ..compat import Keyword
 
 __all__ = ["OBSERVED_IMPLEMENTATION", "observe_attention", "AttentionCallback"]
 
@@ -43,7 +45,7 @@ def _observed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     if observer is None:  # only reachable if someone copied the observed config onto another module
         raise RuntimeError(f"{type(module).__name__} uses the {OBSERVED_IMPLEMENTATION!r} attention outside a tokred run")
     output = observer.implementation(module, query, key, value, attention_mask, **kwargs)
-    scaling = kwargs.get("scaling")
+    scaling = kwargs.get(Keyword.SCALING)
     if scaling is None:
         scaling = getattr(module, "scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
     observer.callback(query, key, float(scaling))
@@ -51,12 +53,8 @@ def _observed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
 
 def _ensure_registered() -> None:
-    # transformers is imported where a run starts, not with tokred: `import tokred` stays light.
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if OBSERVED_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(OBSERVED_IMPLEMENTATION, _observed_attention)
+    if OBSERVED_IMPLEMENTATION not in compat.attention_functions():
+        compat.register_attention(OBSERVED_IMPLEMENTATION, _observed_attention)
 
 
 def observe_attention(module: nn.Module, callback: AttentionCallback) -> Callable[[], None]:
@@ -65,16 +63,14 @@ def observe_attention(module: nn.Module, callback: AttentionCallback) -> Callabl
         raise RuntimeError(f"{type(module).__name__} is already observed")
     _ensure_registered()
     original_config = module.config
-    name = original_config._attn_implementation
+    name = getattr(original_config, compat.ATTENTION_IMPLEMENTATION)
     # Modeling files define their eager attention as a module-level function the module falls back to.
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    implementation = ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)
+    implementation = compat.attention_functions().get_interface(name, compat.eager_attention(module))
     if implementation is None:
         raise RuntimeError(f"cannot find the {name!r} attention implementation of {type(module).__name__}")
     observed_config = copy.copy(original_config)
-    observed_config._attn_implementation = {"": OBSERVED_IMPLEMENTATION}  # this config only, not sub-configs
+    # This config only, not sub-configs.
+    setattr(observed_config, compat.ATTENTION_IMPLEMENTATION, {"": OBSERVED_IMPLEMENTATION})
     _observers[module] = _Observer(implementation, callback)
     module.config = observed_config
 

@@ -30,8 +30,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from .. import compat
 from ..adapters.base import Adapter, ImageSpan, VisionProbes
 from ..budget import Budget, split_proportionally
+from ..compat import Keyword
 from ..components import Gate, Selector
 from ..errors import BudgetError, MethodContractError, RuntimeStateError
 from ..method import Method
@@ -182,6 +184,9 @@ class Run:
         self._mode: str = "idle"
         self._input_ids: torch.Tensor | None = None
         self._multimodal_inputs: dict[str, Any] = {}
+        #: The encoder outputs the latest prefill consumed and its probes: generate(use_cache=False)
+        #: passes the same outputs to every step, which may then reuse the probes.
+        self._consumed_probes: tuple[weakref.ref, VisionProbes] | None = None
         self._caller_positions = False
         self._prefill: _Prefill | None = None
         self._cache_state: _CacheState | None = None
@@ -244,6 +249,7 @@ class Run:
             del _active_runs[self.model]
         self._prefill = None
         self._probes.clear()
+        self._consumed_probes = None
         self._mode = "idle"
 
     # ------------------------------------------------------------- validation
@@ -288,37 +294,68 @@ class Run:
     # ---------------------------------------------------- multimodal model hook
 
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        input_ids = kwargs.get(Keyword.INPUT_IDS, args[0] if args else None)
+        cache = compat.find_cache(kwargs, call=f"{type(module).__name__}.forward")
+        past = compat.cache_length(cache) if cache is not None else 0
+        state = self._cache_state
         if past == 0:
+            if cache is not None and state is not None and state.cache() is cache:
+                raise compat.interface_error("the KV cache this run filled at its prefill to hold its tokens",
+                                             "the cache reads as empty on the next call")
+            self._check_starts_a_sequence(kwargs, input_ids)
             self._mode = "prefill"
-            if kwargs.get("pixel_values") is not None:
-                # The vision tower runs inside this call. generate() instead runs it before the
-                # call and passes mm_encoder_outputs: what the probes captured then must stay.
-                self._probes.clear()
             self._check_cache(cache)
+            encoded = _encoded_images(kwargs)
+            if kwargs.get(Keyword.PIXEL_VALUES) is not None:
+                # The vision tower runs inside this call: what it captures now is this prefill's.
+                self._probes.clear()
+            elif encoded is not None and self._consumed_probes is not None and self._consumed_probes[0]() is encoded:
+                # generate(use_cache=False) feeds the same encoder outputs to every step without
+                # running the tower again: the probes of its first step still describe these images.
+                self._probes.restore(self._consumed_probes[1])
             self._input_ids = input_ids
             self._multimodal_inputs = kwargs
             return
-        state = self._cache_state
         if state is None or state.cache() is not cache:
             raise RuntimeStateError(
                 "this KV cache was not filled by the active tokred run; tokred can only continue decoding "
                 "on a cache whose prefill it reduced"
             )
-        if kwargs.get("pixel_values") is not None:
+        if kwargs.get(Keyword.PIXEL_VALUES) is not None:
             raise RuntimeStateError("new images on a continued cache are not supported; start a new prefill")
         # Position ids the caller did not give are the adapter's to compute: a model that derives
         # them itself before its language model (Qwen's M-RoPE) reads the pruned cache's length.
-        self._caller_positions = kwargs.get("position_ids") is not None
+        self._caller_positions = kwargs.get(Keyword.POSITION_IDS) is not None
         self._mode = "decode"
+
+    def _check_starts_a_sequence(self, kwargs: dict, input_ids: torch.Tensor | None) -> None:
+        """A call without a (non-empty) cache must start its sequences: the first real token of every
+        row sits at position 0. A call whose positions start later continues a sequence whose cache
+        tokred did not see, which happens when transformers passes the cache under a name tokred does
+        not know; taking it for a prefill would reduce nothing and report zero visual tokens."""
+        positions = kwargs.get(Keyword.POSITION_IDS)
+        if positions is None or input_ids is None or positions.shape[-1] == 0:
+            return
+        index = self.adapter.position_index(positions).cpu()                    # [B or 1, L]
+        mask = kwargs.get(Keyword.ATTENTION_MASK)
+        if mask is not None and mask.dim() == 2 and mask.shape[-1] == index.shape[-1]:
+            real = mask.bool().cpu()
+            if index.shape[0] == 1 and real.shape[0] > 1:
+                index = index.expand(real.shape[0], -1)
+            first = torch.where(real.any(dim=1), real.long().argmax(dim=1), 0)
+            starts = index.gather(1, first[:, None])[:, 0]
+        else:
+            starts = index[:, 0]
+        if bool((starts != 0).any()):
+            raise compat.interface_error(
+                "a call without a KV cache to start its sequences at position 0",
+                f"its position ids start at {starts.tolist()}, so it continues a sequence whose cache tokred "
+                f"did not find under {list(compat.CACHE_KEYWORDS)}",
+            )
 
     @staticmethod
     def _check_cache(cache: Any) -> None:
-        from transformers import DynamicCache
-
-        if cache is not None and (not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False)):
+        if cache is not None and compat.is_static_cache(cache):
             raise RuntimeStateError(
                 f"{type(cache).__name__} is not supported: pruned layers keep shorter caches, which needs a "
                 "DynamicCache (do not pass cache_implementation='static')"
@@ -331,23 +368,28 @@ class Run:
             return self._decode_inputs(args, kwargs)
         if self._mode != "prefill":
             return None
-        embeds = kwargs.get("inputs_embeds")
+        embeds = kwargs.get(Keyword.INPUTS_EMBEDS)
         if embeds is None or self._input_ids is None:
             raise RuntimeStateError(
                 "tokred needs input_ids to locate image tokens; call the model with input_ids, not inputs_embeds"
             )
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(Keyword.ATTENTION_MASK)
         if mask is not None and mask.dim() != 2:
             raise RuntimeStateError("tokred needs a 2-D attention mask (or none); got a precomputed 4-D mask")
         return self._prefill_inputs(args, kwargs, embeds, mask)
 
     def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        cache = getattr(output, "past_key_values", None)
+        cache = compat.output_cache(output)
         if self._mode in ("prefill", "passthrough") and self._cache_state is not None and cache is not None:
             self._cache_state.cache = weakref.ref(cache)
+        encoded = _encoded_images(self._multimodal_inputs)
+        if self._mode == "prefill" and encoded is not None:
+            self._consumed_probes = (weakref.ref(encoded), self._probes.snapshot())
+        elif self._mode == "prefill":
+            self._consumed_probes = None
         self._prefill = None
         self._multimodal_inputs = {}
-        self._probes.clear()  # consumed by this prefill; never let them reach a later one
+        self._probes.clear()  # consumed by this prefill; never let them reach another one
         self._mode = "idle"
 
     def _prefill_inputs(self, args: tuple, kwargs: dict, embeds: torch.Tensor,
@@ -386,7 +428,7 @@ class Run:
             image_sizes[span.sample].append(span.positions.numel())
             tile_counts[span.sample].append(span.layout.num_tiles)
         instruction, system = self.adapter.text_roles(input_ids.cpu(), mask2d.cpu(), visual)
-        full_positions = self.adapter.full_position_ids(kwargs.get("position_ids"), input_ids, mask, past_length=0)
+        full_positions = self.adapter.full_position_ids(kwargs.get(Keyword.POSITION_IDS), input_ids, mask, past_length=0)
         report.visual_tokens_input = [int(n) for n in visual.sum(1)]
 
         keep = real.cpu().clone()
@@ -433,12 +475,12 @@ class Run:
             return (args, {**kwargs, **held}) if held else None
 
         new_kwargs = dict(kwargs)
-        new_kwargs["inputs_embeds"] = gather_rows(new_embeds, origin, seq_dim=1)
-        new_kwargs["attention_mask"] = entry.valid.to(device=device, dtype=mask2d.dtype)
+        new_kwargs[Keyword.INPUTS_EMBEDS] = gather_rows(new_embeds, origin, seq_dim=1)
+        new_kwargs[Keyword.ATTENTION_MASK] = entry.valid.to(device=device, dtype=mask2d.dtype)
         positions = gather_positions(full_positions, origin)
         if shift is not None:
             positions = positions - gather_rows(shift, origin, seq_dim=1).to(positions.device).masked_fill(origin.to(positions.device) < 0, 0)
-        new_kwargs["position_ids"] = positions
+        new_kwargs[Keyword.POSITION_IDS] = positions
         new_kwargs.update(held)
         return args, new_kwargs
 
@@ -515,9 +557,9 @@ class Run:
     def _decode_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._cache_state
         assert state is not None
-        embeds = kwargs.get("inputs_embeds")
+        embeds = kwargs.get(Keyword.INPUTS_EMBEDS)
         num_new = embeds.shape[1]
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(Keyword.ATTENTION_MASK)
         if mask is not None and mask.shape[-1] != state.logical_length + num_new:
             raise RuntimeStateError(
                 f"the attention mask covers {mask.shape[-1]} positions but this pruned cache stands for "
@@ -529,7 +571,7 @@ class Run:
             state.logical_length += num_new
             return None
         device = embeds.device
-        positions = kwargs.get("position_ids") if self._caller_positions else None
+        positions = kwargs.get(Keyword.POSITION_IDS) if self._caller_positions else None
         if positions is None:
             positions = self.adapter.decode_position_ids(embeds.shape[0], num_new, state.logical_length, device,
                                                          attention_mask=mask)
@@ -549,8 +591,8 @@ class Run:
             positions = positions - state.position_shift.to(positions.device)[:, None]
         state.logical_length += num_new
         new_kwargs = dict(kwargs)
-        new_kwargs["attention_mask"] = state.key_valid[0].to(dtype=mask.dtype if mask is not None else torch.long)
-        new_kwargs["position_ids"] = positions
+        new_kwargs[Keyword.ATTENTION_MASK] = state.key_valid[0].to(dtype=mask.dtype if mask is not None else torch.long)
+        new_kwargs[Keyword.POSITION_IDS] = positions
         return args, new_kwargs
 
     # ------------------------------------------------------------ layer hooks
@@ -568,9 +610,9 @@ class Run:
     def _prefill_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         prefill = self._prefill
         assert prefill is not None
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = args[0] if args else kwargs[Keyword.HIDDEN_STATES]
         if index == 0:
-            prefill.model_mask_is_none = kwargs.get("attention_mask") is None
+            prefill.model_mask_is_none = kwargs.get(Keyword.ATTENTION_MASK) is None
         if index in prefill.gate_layers:
             start = time.perf_counter()
             _sync(hidden.device)
@@ -594,7 +636,7 @@ class Run:
         new_kwargs.update(self.adapter.reduce_layer_kwargs(kwargs, prefill.current.entry_index))
         if args:
             return (hidden, *args[1:]), new_kwargs
-        new_kwargs["hidden_states"] = hidden
+        new_kwargs[Keyword.HIDDEN_STATES] = hidden
         return args, new_kwargs
 
     def _reduced_layer_inputs(self, prefill: _Prefill, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
@@ -602,19 +644,19 @@ class Run:
         passes every layer the same full-length ones, so they are reduced once per layout (and per
         incoming tensors) and reused by the following layers."""
         current = prefill.current
-        key = (id(current), id(kwargs["position_embeddings"]), id(kwargs.get("position_ids")), id(kwargs.get("attention_mask")))
+        key = (id(current), id(kwargs[Keyword.POSITION_EMBEDDINGS]), id(kwargs.get(Keyword.POSITION_IDS)), id(kwargs.get(Keyword.ATTENTION_MASK)))
         if prefill.layer_inputs is not None and prefill.layer_inputs[0] == key:
             return prefill.layer_inputs[1]
-        cos, sin = kwargs["position_embeddings"]
-        reduced: dict[str, Any] = {"position_embeddings": (gather_rows(cos, current.entry_index, seq_dim=-2),
+        cos, sin = kwargs[Keyword.POSITION_EMBEDDINGS]
+        reduced: dict[str, Any] = {Keyword.POSITION_EMBEDDINGS: (gather_rows(cos, current.entry_index, seq_dim=-2),
                                                            gather_rows(sin, current.entry_index, seq_dim=-2))}
-        if kwargs.get("position_ids") is not None:
-            reduced["position_ids"] = gather_positions(kwargs["position_ids"], current.entry_index)
+        if kwargs.get(Keyword.POSITION_IDS) is not None:
+            reduced[Keyword.POSITION_IDS] = gather_positions(kwargs[Keyword.POSITION_IDS], current.entry_index)
         valid = current.valid.to(hidden.device)
         if prefill.model_mask_is_none and bool(valid.all()):
-            reduced["attention_mask"] = None  # keeps sdpa on its is_causal fast path
+            reduced[Keyword.ATTENTION_MASK] = None  # keeps sdpa on its is_causal fast path
         else:
-            reduced["attention_mask"] = format_mask(causal_key_mask(valid, valid.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
+            reduced[Keyword.ATTENTION_MASK] = format_mask(causal_key_mask(valid, valid.shape[1]), kwargs.get(Keyword.ATTENTION_MASK), hidden.dtype)
         prefill.layer_inputs = (key, reduced)
         return reduced
 
@@ -636,9 +678,9 @@ class Run:
         if state is None or state.passthrough or not state.group_of_layer or state.group_of_layer[index] == 0:
             return None
         valid = state.key_valid[state.group_of_layer[index]]
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = args[0] if args else kwargs[Keyword.HIDDEN_STATES]
         new_kwargs = dict(kwargs)
-        new_kwargs["attention_mask"] = format_mask(causal_key_mask(valid, hidden.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
+        new_kwargs[Keyword.ATTENTION_MASK] = format_mask(causal_key_mask(valid, hidden.shape[1]), kwargs.get(Keyword.ATTENTION_MASK), hidden.dtype)
         return args, new_kwargs
 
     # -------------------------------------------------------------------- gates
@@ -737,6 +779,12 @@ class Run:
             num_system=int(roles["system"].numel()), hidden_states=hidden[sample, valid.to(hidden.device)],
             _attention=attention,
         )
+
+
+def _encoded_images(kwargs: Mapping[str, Any]) -> Any | None:
+    """The vision tower's image outputs a call carries (``mm_encoder_outputs["image"]``, 5.23+), or None."""
+    encoded = kwargs.get(Keyword.ENCODER_OUTPUTS)
+    return encoded.get(Keyword.ENCODER_OUTPUTS_IMAGE) if isinstance(encoded, Mapping) else None
 
 
 def _record(span: ImageSpan, kept: torch.Tensor) -> ImageRecord:

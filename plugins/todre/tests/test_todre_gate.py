@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import tokred
-from tokred import Budget, GateStage, GateState, Schedule, SelectorStage
+from tokred import Budget, GateStage, GateState, Schedule, SelectorStage, compat
 from tokred.testing import tiny_inputs, tiny_model
 from tokred_todre import DiversitySelector, InformationMigrationGate, MigrationRatios, migration_ratios
 
@@ -214,7 +214,7 @@ def test_gate_fires_and_removes_visual_tokens_for_prefill_and_decoding(attn_impl
     assert run.report.kept_indices == [[]]
     # Decoding: the layers from the gate on cached only the text, the earlier ones the image too.
     text = _text_tokens(inputs, model.config.image_token_id)[0]
-    cached = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    cached = [layer.keys.shape[-2] for layer in compat.output_cache(out).layers]
     generated_before_last = out.sequences.shape[1] - inputs["input_ids"].shape[1] - 1
     assert cached == [text + entering + generated_before_last] * GATE_LAYER + [text + generated_before_last]
 
