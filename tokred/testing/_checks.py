@@ -16,7 +16,11 @@ The properties (DESIGN.md section 6):
 5. ``determinism_and_cleanup``: the same inputs give the same kept indices and logits; every hook is gone
    after the ``with`` block, also when it is left by an exception;
 6. ``text_only_and_errors``: text-only prompts pass through untouched; impossible budgets and
-   unknown options fail with tokred errors before any model call.
+   unknown options fail with tokred errors before any model call;
+7. ``cache_free_generation``: ``generate(use_cache=False)`` outside ``Run.frozen`` works: every step
+   is a prefill that decides afresh on the longer sequence, so each generated token is what a fresh
+   run on that prefix predicts, and a method without gates (whose decisions see only the images)
+   generates exactly what it generates with the cache.
 """
 
 from __future__ import annotations
@@ -302,11 +306,52 @@ def check_text_only_and_errors(case: Case) -> None:
         raise case.fail("text_only_and_errors", "the model was called while validating options")
 
 
+def check_cache_free_generation(case: Case) -> None:
+    """Property 7: ``generate(use_cache=False)`` re-decides at every step, consistently."""
+    model, processor = case.model()
+    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    length = inputs["input_ids"].shape[1]
+    with apply(model, case.method, registry=case.registry) as run:
+        recomputed = _generate(model, inputs, use_cache=False)
+        steps = recomputed.shape[1] - length
+        if run.report.prefills != steps:
+            raise case.fail("cache_free_generation", f"{steps} cache-free steps were reported as {run.report.prefills} prefills")
+        if steps and not run.report.images:
+            raise case.fail("cache_free_generation", "the report of the last step describes no image")
+    for step in range(steps):
+        prefix = _extended(inputs, recomputed[:, length:length + step])
+        with apply(model, case.method, registry=case.registry):  # greedy with generate's own logits processors
+            with torch.no_grad():
+                predicted = int(model.generate(**prefix, max_new_tokens=1, do_sample=False)[0, -1])
+        if predicted != int(recomputed[0, length + step]):
+            raise case.fail("cache_free_generation", f"step {step} generated {int(recomputed[0, length + step])} "
+                            f"without cache, but a fresh run on the same prefix predicts {predicted}")
+    if not case.method.schedule().gates:
+        with apply(model, case.method, registry=case.registry):
+            cached = _generate(model, inputs)
+        if not torch.equal(cached, recomputed):
+            raise case.fail("cache_free_generation", f"without gates, generate without cache gave "
+                            f"{recomputed[0, length:].tolist()} but with cache {cached[0, length:].tolist()}")
+
+
+def _extended(inputs: dict[str, torch.Tensor], new_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``inputs`` followed by the text tokens ``new_ids`` ``[B, n]``: every per-position input
+    (``[B, L]`` like ``input_ids``: the attention mask, Qwen's ``mm_token_type_ids``) grows too, with
+    ones for the mask and zeros (text) for the others."""
+    ids = inputs["input_ids"]
+    extended = dict(inputs)
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.shape == ids.shape:
+            tail = new_ids if name == "input_ids" else (torch.ones_like(new_ids) if name == "attention_mask" else torch.zeros_like(new_ids))
+            extended[name] = torch.cat([value, tail.to(value.dtype)], dim=1)
+    return extended
+
+
 def _fixed_tokens(case: Case, model: nn.Module) -> int | None:
     return case.registry.adapter_for(model).visual_tokens_per_image()
 
 
-#: Property name -> check function, in the order of DESIGN.md section 6.
+#: Property name -> check function, in the order of DESIGN.md section 6 (and tokred's seventh).
 CHECKS: dict[str, Callable[[Case], None]] = {
     "keep_everything": check_keep_everything,
     "cache_consistency": check_cache_consistency,
@@ -314,6 +359,7 @@ CHECKS: dict[str, Callable[[Case], None]] = {
     "batch_invariance": check_batch_invariance,
     "determinism_and_cleanup": check_determinism_and_cleanup,
     "text_only_and_errors": check_text_only_and_errors,
+    "cache_free_generation": check_cache_free_generation,
 }
 
 
