@@ -188,7 +188,7 @@ def test_option_values_are_json_when_they_parse_and_strings_otherwise() -> None:
 
 
 @pytest.mark.parametrize(("command", "expected"), [
-    ("list", "--pattern"), ("run", "--keep-ratio"), ("demo", "--repeats"),
+    ("list", "--pattern"), ("run", "--keep-ratio"), ("demo", "--repeats"), ("doctor", "--json"),
 ])
 def test_every_command_has_help(command: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "--help"]) == 0
@@ -289,3 +289,41 @@ def test_the_cli_starts_without_importing_transformers() -> None:
     code = "import sys; from tokred.cli import build_parser; build_parser(); print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------ doctor
+
+
+def test_version_names_tokred_torch_and_transformers_with_the_tested_range(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred import compat
+
+    assert main(["--version"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"tokred {tokred.__version__}"
+    assert lines[1] == f"torch {compat.torch_version()}"
+    low, high = compat.TESTED_TRANSFORMERS
+    assert lines[2] == f"transformers {compat.transformers_version()} (within the tested range {low} to {high})"
+
+
+def test_doctor_checks_every_transformers_requirement_and_the_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred import compat
+
+    assert main(["doctor", "--json"], registry=_installed_registry()) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["transformers"] == compat.transformers_version() and report["transformers_in_tested_range"]
+    assert [c["name"] for c in report["transformers_names"]] == [r.name for r in compat.REQUIREMENTS]
+    assert all(c["ok"] for c in report["transformers_names"])
+    assert {"tokred-adapters", "tokred-baselines", "todre", "star"} <= set(report["plugins"])
+    assert main(["doctor"], registry=_installed_registry()) == 0
+    out = capsys.readouterr().out
+    assert f"({len(compat.REQUIREMENTS)} of {len(compat.REQUIREMENTS)} found)" in out and "MISSING" not in out
+
+
+def test_doctor_fails_and_names_a_missing_requirement(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred import compat
+
+    renamed = compat.Requirement("the cache keyword kv_state", lambda: "LlamaModel.forward takes none of ['kv_state']")
+    monkeypatch.setattr(compat, "REQUIREMENTS", (*compat.REQUIREMENTS, renamed))
+    assert main(["doctor"], registry=_installed_registry()) == 1
+    assert "MISSING  the cache keyword kv_state: LlamaModel.forward takes none of ['kv_state']" in capsys.readouterr().out

@@ -11,6 +11,8 @@
   the unreduced model and overhead over the ideal, FLOPs, KV-cache bytes, peak memory
   (:mod:`tokred.bench`); ``bench --scaling`` times Selectors alone against ``N`` and ``k``.
 * ``show`` draws the image with the visual tokens a method kept (:mod:`tokred.show`).
+* ``doctor`` checks the installation: versions, the transformers internals tokred depends on
+  (:mod:`tokred.compat`), the plugins.
 
 :func:`main` returns an exit status instead of exiting, so it can be called in-process; every
 function takes the :class:`~tokred.Registry` to use, so tests and embedding code can pass their own.
@@ -36,7 +38,7 @@ from typing import Any, Callable, Collection, Sequence, TextIO
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import __version__
+from . import __version__, compat
 from .bench import (
     PRESETS,
     Bench,
@@ -116,15 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokred",
         description="Training-free visual-token reduction for vision-language models on transformers.",
         epilog="Run 'tokred COMMAND --help' for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps --version's lines
     )
-    parser.add_argument("--version", action="version", version=f"tokred {__version__}")
+    parser.add_argument("--version", action="version", version=_version_text(),
+                        help="print the versions of tokred, torch and transformers, and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(commands)
     _add_run(commands)
     _add_demo(commands)
     _add_bench(commands)
     _add_show(commands)
+    _add_doctor(commands)
     return parser
+
+
+def _version_text() -> str:
+    """tokred's, torch's and transformers' versions, read from package metadata (nothing imported)."""
+    transformers = compat.transformers_version()
+    tested = "within" if compat.in_tested_range(transformers) else "OUTSIDE"
+    low, high = compat.TESTED_TRANSFORMERS
+    return (f"tokred {__version__}\ntorch {compat.torch_version()}\n"
+            f"transformers {transformers} ({tested} the tested range {low} to {high})")
 
 
 def _subparser(commands: Any, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
@@ -843,6 +857,62 @@ def _cmd_show(args: argparse.Namespace, registry: Registry) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+def _add_doctor(commands: Any) -> None:
+    p = _subparser(
+        commands, "doctor", help="check the installation: versions, transformers internals, plugins",
+        description=(
+            "Print the versions of tokred, Python, torch and transformers, whether that transformers\n"
+            "release lies in the range tokred is tested with, every transformers-internal name tokred\n"
+            "depends on (tokred.compat) and whether the installed release has it, and the plugins that\n"
+            "loaded or failed. Exits with 1 when a name is missing or a plugin failed."
+        ),
+        epilog="examples:\n  tokred doctor\n  tokred doctor --json",
+    )
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(handler=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace, registry: Registry) -> int:
+    import platform
+
+    checks = [{"name": r.name, "ok": problem is None, "problem": problem} for r, problem in compat.check_transformers()]
+    failures = registry.errors
+    plugins = sorted({e.plugin for kind, _ in (("method", 0), ("adapter", 0), ("selector", 0), ("gate", 0))
+                      for e in registry.entries(kind)})  # type: ignore[arg-type]
+    report = {
+        "tokred": __version__, "python": platform.python_version(), "torch": compat.torch_version(),
+        "cuda": torch.cuda.is_available(), "transformers": compat.transformers_version(),
+        "transformers_tested_range": list(compat.TESTED_TRANSFORMERS),
+        "transformers_in_tested_range": compat.in_tested_range(),
+        "transformers_names": checks, "plugins": plugins, "plugin_errors": [str(f) for f in failures],
+    }
+    healthy = all(c["ok"] for c in checks) and not failures
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if healthy else 1
+    low, high = compat.TESTED_TRANSFORMERS
+    rows = [
+        ["tokred", __version__], ["python", report["python"]],
+        ["torch", f"{report['torch']} (CUDA {'available' if report['cuda'] else 'not available'})"],
+        ["transformers", f"{report['transformers']} ("
+                         f"{'within' if report['transformers_in_tested_range'] else 'OUTSIDE'} the tested range {low} to {high})"],
+    ]
+    print(_table(["package", "version"], rows))
+    print(f"\ntransformers internals tokred depends on ({sum(c['ok'] for c in checks)} of {len(checks)} found)")
+    for check in checks:
+        print(f"  {'ok     ' if check['ok'] else 'MISSING'}  {check['name']}" + ("" if check["ok"] else f": {check['problem']}"))
+    print(f"\nplugins: {', '.join(plugins) or 'none'}")
+    for failure in failures:
+        print(f"  FAILED  {failure}")
+    if not report["transformers_in_tested_range"]:
+        print(f"\nnote: transformers {report['transformers']} is not a release tokred was tested with; "
+              f"`pip install 'transformers>={low},<={high}'` gives one that is")
+    return 0 if healthy else 1
 
 
 def _note(message: str) -> None:
