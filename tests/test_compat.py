@@ -137,3 +137,26 @@ def test_report_never_claims_zero_visual_tokens_after_generate() -> None:
     assert run.report.visual_tokens_input == [576, 576]
     assert run.report.prefills == 1
     assert all(image.kept_stage1 and len(image.kept_stage1) == 8 for image in run.report.images)
+
+
+def test_the_observed_attention_name_is_registered_only_while_a_run_is_active() -> None:
+    """Nothing global outlives a run: the attention implementation a gate's observer needs is in
+    transformers' registry while the run is active, and gone after it (also after an exception)."""
+    from tokred.runtime._attention import OBSERVED_IMPLEMENTATION
+
+    model, processor = tiny_model("llava")
+    inputs = tiny_inputs(processor, [PROMPT])
+    assert OBSERVED_IMPLEMENTATION not in compat.attention_functions()
+    with tokred.apply(model, tokred.create("fastv")), torch.no_grad():
+        assert OBSERVED_IMPLEMENTATION in compat.attention_functions()
+        model(**inputs)
+    assert OBSERVED_IMPLEMENTATION not in compat.attention_functions()
+    second, _ = tiny_model("llava")
+    with tokred.apply(model, tokred.create("fastv")):
+        with tokred.apply(second, tokred.create("star")):
+            pass
+        assert OBSERVED_IMPLEMENTATION in compat.attention_functions()  # the first run still observes
+    assert OBSERVED_IMPLEMENTATION not in compat.attention_functions()
+    with pytest.raises(ZeroDivisionError), tokred.apply(model, tokred.create("fastv")):
+        1 / 0  # noqa: B018
+    assert OBSERVED_IMPLEMENTATION not in compat.attention_functions()

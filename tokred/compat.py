@@ -31,8 +31,8 @@ from .errors import TransformersInterfaceError
 __all__ = [
     "TESTED_TRANSFORMERS", "CACHE_KEYWORDS", "CACHE_OUTPUT_FIELDS", "ATTENTION_IMPLEMENTATION", "ROPE_DELTAS", "Keyword", "Requirement", "REQUIREMENTS",
     "transformers_version", "torch_version", "in_tested_range", "find_cache", "output_cache", "cache_length",
-    "cache_keyword", "is_cache", "is_static_cache", "attention_functions", "register_attention", "eager_attention",
-    "modeling_function", "check_transformers", "interface_error",
+    "cache_keyword", "is_cache", "is_static_cache", "attention_functions", "install_attention", "uninstall_attention", "eager_attention",
+    "modeling_function", "causal_lm_loss", "check_transformers", "interface_error",
 ]
 
 #: The oldest and the newest ``transformers`` release CI tests (the bounds of ``pyproject.toml``'s
@@ -87,6 +87,7 @@ class Keyword:
     HIDDEN_STATES = "hidden_states"
     POSITION_EMBEDDINGS = "position_embeddings"
     SCALING = "scaling"
+    LABELS = "labels"
 
 
 # ------------------------------------------------------------------------------- versions
@@ -253,17 +254,36 @@ def attention_functions() -> Any:
     return ALL_ATTENTION_FUNCTIONS
 
 
-def register_attention(name: str, function: Callable[..., Any]) -> None:
-    """Register an attention function under ``name`` (``transformers.AttentionInterface.register``)."""
-    from transformers import AttentionInterface
+def install_attention(name: str, function: Callable[..., Any]) -> None:
+    """Make ``function`` the attention implementation called ``name``, in the shared registry
+    instance every modeling file reads (``ALL_ATTENTION_FUNCTIONS[name] = function``: its local
+    mapping, which :func:`uninstall_attention` can take back; ``AttentionInterface.register``
+    writes a class-wide mapping that has no removal)."""
+    attention_functions()[name] = function
 
-    AttentionInterface.register(name, function)
+
+def uninstall_attention(name: str) -> None:
+    """Remove what :func:`install_attention` installed under ``name`` (no error if absent)."""
+    try:
+        del attention_functions()[name]
+    except KeyError:
+        pass
 
 
 def eager_attention(module: Any) -> Callable[..., Any] | None:
     """The module-level ``eager_attention_forward`` of the modeling file that defines ``module``'s
     class, which its attention falls back to; ``None`` when that file has none."""
     return getattr(importlib.import_module(type(module).__module__), "eager_attention_forward", None)
+
+
+def causal_lm_loss(model: Any, logits: Any, labels: Any, vocab_size: int) -> Any:
+    """The model's own causal-LM loss (``model.loss_function``: labels shifted left by one,
+    ``-100`` ignored, mean over the counted tokens) of ``logits`` ``[B, L, V]`` against ``labels``
+    ``[B, L]``."""
+    loss_function = getattr(model, "loss_function", None)
+    if loss_function is None:
+        raise interface_error(f"{type(model).__name__}.loss_function", "the model has none")
+    return loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
 
 
 def modeling_function(module: str, name: str) -> Callable[..., Any]:
@@ -356,7 +376,8 @@ def _attention_interface() -> str | None:
     if not hasattr(transformers, "AttentionInterface"):
         return "transformers has no AttentionInterface"
     registry = attention_functions()
-    return None if hasattr(registry, "get_interface") else "ALL_ATTENTION_FUNCTIONS has no get_interface"
+    missing = [name for name in ("get_interface", "__setitem__", "__delitem__") if not hasattr(registry, name)]
+    return f"ALL_ATTENTION_FUNCTIONS has no {missing}" if missing else None
 
 
 def _eager_functions() -> str | None:
@@ -439,12 +460,19 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                      for classes in _FAMILY_CLASSES.values()),
     ),
     Requirement("transformers.Cache and DynamicCache.get_seq_length", _dynamic_cache),
-    Requirement("transformers.AttentionInterface and ALL_ATTENTION_FUNCTIONS.get_interface", _attention_interface),
+    Requirement("transformers.AttentionInterface; ALL_ATTENTION_FUNCTIONS.get_interface, item assignment and deletion",
+                _attention_interface),
     Requirement("eager_attention_forward in the modeling files of " + ", ".join(_EAGER_MODULES), _eager_functions),
     Requirement("llava_next.modeling_llava_next.unpad_image", _has_function("llava_next.modeling_llava_next", "unpad_image")),
     Requirement("llava_next.modeling_llava_next.get_anyres_image_grid_shape",
                 _has_function("llava_next.modeling_llava_next", "get_anyres_image_grid_shape")),
     Requirement("InternVLModel.pixel_shuffle", _has_method("InternVLModel", "pixel_shuffle")),
+    Requirement("PreTrainedModel.loss_function (labels scored on the reduced sequence)",
+                _has_method("PreTrainedModel", "loss_function")),
+    Requirement(f"the {K.LABELS} keyword of every supported model's forward",
+                lambda: _all(_takes(c, (K.LABELS,)) for c in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                                                             "InternVLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                                                             "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"))),
     Requirement("Qwen2VLModel.get_rope_index (M-RoPE positions on the full sequence)",
                 _has_method("Qwen2VLModel", "get_rope_index")),
     Requirement(f"Qwen-VL multimodal models keep {ROPE_DELTAS} (M-RoPE offsets of the latest prefill)",

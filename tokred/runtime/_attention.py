@@ -7,11 +7,15 @@ implementation name is :data:`OBSERVED_IMPLEMENTATION`. That registered function
 original implementation (sdpa, eager, ...) unchanged and then hands ``query``/``key`` to a callback.
 No class is patched, masks are still built from the model-level config, every other module keeps
 its kernel untouched, and removal restores the original config object.
+
+The name is registered in ``transformers``' attention registry only while some module is observed:
+the first observer installs it, the last one to go removes it, so nothing global outlives a run.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +41,8 @@ class _Observer:
 
 
 _observers: "weakref.WeakKeyDictionary[nn.Module, _Observer]" = weakref.WeakKeyDictionary()
+#: Guards ``_observers`` together with the registration it implies (runs in several threads).
+_lock = threading.Lock()
 
 
 def _observed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -52,16 +58,22 @@ def _observed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     return output
 
 
-def _ensure_registered() -> None:
-    if OBSERVED_IMPLEMENTATION not in compat.attention_functions():
-        compat.register_attention(OBSERVED_IMPLEMENTATION, _observed_attention)
-
-
 def observe_attention(module: nn.Module, callback: AttentionCallback) -> Callable[[], None]:
     """Call ``callback`` with ``module``'s query and key states on every forward; return a remover."""
-    if module in _observers:
-        raise RuntimeError(f"{type(module).__name__} is already observed")
-    _ensure_registered()
+    with _lock:
+        if module in _observers:
+            raise RuntimeError(f"{type(module).__name__} is already observed")
+        if not _observers:
+            compat.install_attention(OBSERVED_IMPLEMENTATION, _observed_attention)
+        try:
+            return _observe(module, callback)
+        except BaseException:
+            if not _observers:
+                compat.uninstall_attention(OBSERVED_IMPLEMENTATION)
+            raise
+
+
+def _observe(module: nn.Module, callback: AttentionCallback) -> Callable[[], None]:
     original_config = module.config
     name = getattr(original_config, compat.ATTENTION_IMPLEMENTATION)
     # Modeling files define their eager attention as a module-level function the module falls back to.
@@ -75,7 +87,9 @@ def observe_attention(module: nn.Module, callback: AttentionCallback) -> Callabl
     module.config = observed_config
 
     def remove() -> None:
-        module.config = original_config
-        _observers.pop(module, None)
+        with _lock:
+            module.config = original_config
+            if _observers.pop(module, None) is not None and not _observers:
+                compat.uninstall_attention(OBSERVED_IMPLEMENTATION)
 
     return remove
