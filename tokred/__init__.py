@@ -15,7 +15,7 @@ from typing import Any
 
 from .adapters.base import Adapter, ImageSpan, VisionProbes
 from .budget import Budget
-from .components import Gate, Selector, top_k_indices
+from .components import Gate, Selector, check_scores, top_k_indices
 from .errors import (
     BudgetError,
     MethodContractError,
@@ -29,6 +29,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl, hookspec
 from .method import BudgetOptions, Method
+from .options import Integer, LayerSpec, Number
 from .registry import Registry, default_registry
 from .runtime import Run, RunReport, apply
 from .schedule import GateStage, Schedule, SelectorStage
@@ -43,7 +44,9 @@ __all__ = [
     "Registry", "default_registry", "hookimpl", "hookspec",
     # interfaces
     "Selector", "Gate", "Schedule", "SelectorStage", "GateStage", "Budget", "Method", "BudgetOptions",
-    "Adapter", "ImageSpan", "VisionProbes", "top_k_indices",
+    "Adapter", "ImageSpan", "VisionProbes", "top_k_indices", "check_scores",
+    # option types
+    "Integer", "Number", "LayerSpec",
     # data objects
     "VisualTokens", "Selection", "GateState", "ImageLayout", "Run", "RunReport",
     # errors

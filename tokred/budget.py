@@ -24,6 +24,7 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .options import Integer, Number
 from .errors import BudgetError
 
 __all__ = ["Budget", "split_proportionally"]
@@ -34,8 +35,8 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    keep: int | None = Field(None, description="Visual tokens to keep per image (absolute count, >= 1).")
-    keep_ratio: float | None = Field(
+    keep: Integer | None = Field(None, description="Visual tokens to keep per image (absolute count, >= 1).")
+    keep_ratio: Number | None = Field(
         None, description="Fraction of each image's visual tokens to keep, in (0, 1]; rounds half up, at least 1."
     )
     at_most_all: bool = Field(

@@ -17,9 +17,10 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from .errors import MethodContractError
 from .tokens import GateState, Selection, VisualTokens
 
-__all__ = ["Component", "Selector", "Gate", "top_k_indices"]
+__all__ = ["Component", "Selector", "Gate", "top_k_indices", "check_scores"]
 
 
 class Component(BaseModel):
@@ -40,6 +41,32 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
+def check_scores(scores: object, n: int, *, who: str) -> torch.Tensor:
+    """``scores`` as a ``[n]`` tensor, or :class:`~tokred.errors.MethodContractError` naming ``who``.
+
+    A score is one real number per token: a 1-D floating-point or integer tensor of length ``n``
+    with no NaN or infinity. Anything else would be ranked silently wrong (a score of length
+    ``n - 1`` can never keep token ``n - 1``; NaN sorts arbitrarily), so it is refused."""
+    if not isinstance(scores, torch.Tensor):
+        raise MethodContractError(f"{who} returned {type(scores).__name__}, expected a tensor of shape ({n},)")
+    if scores.shape != (n,):
+        raise MethodContractError(f"{who} returned shape {tuple(scores.shape)}, expected ({n},): one score per token")
+    if not (scores.is_floating_point() or scores.dtype in _INTEGER_DTYPES):  # bool and complex are not scores
+        raise MethodContractError(f"{who} returned dtype {scores.dtype}, expected a real floating-point or integer tensor")
+    if scores.is_floating_point():
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad)[0])
+            raise MethodContractError(
+                f"{who} returned {int(bad.sum())} non-finite scores (NaN or infinity; the first at token {first}, "
+                f"{float(scores[first])}): scores must be finite"
+            )
+    return scores
+
+
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 class Selector(Component):
     """Stage I: chooses which visual tokens of one image enter the language model.
 
@@ -50,15 +77,34 @@ class Selector(Component):
 
     #: Optional inputs the selector reads; the runtime captures only these. Possible values:
     #: ``"cls_attention"`` (vision [CLS] -> patch attention) and ``"pre_projector"`` features.
+    #: A selector gets ``None`` for an input the model cannot provide and falls back as it documents,
+    #: unless the input is also in :meth:`required_inputs`.
     inputs: ClassVar[frozenset[str]] = frozenset()
+
+    def required_inputs(self) -> frozenset[str]:
+        """The inputs (of :attr:`inputs`) without which these options cannot run. ``tokred.apply``
+        refuses the schedule on a model whose adapter cannot provide one, before any forward.
+        Default: none."""
+        return frozenset()
+
+    def validate(self, num_tokens: int) -> None:
+        """Refuse options that cannot work on an image (or tile, with ``spread="tiles"``) of
+        ``num_tokens`` visual tokens, by raising :class:`~tokred.errors.OptionsError`. The runtime
+        calls it for every image before any selector runs (and ``tokred.apply`` does, when the
+        model's config fixes the count), so a bad option fails before the language model, with a
+        clear message. Default: accept."""
 
     def score(self, tokens: VisualTokens) -> torch.Tensor:
         """Importance of each token: ``[N]`` float, higher is kept."""
         raise NotImplementedError(f"{type(self).__name__} must override score() or select()")
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor | Selection:
-        """Indices ``[k]`` of the tokens to keep (any order), or a :class:`Selection` with features."""
-        return top_k_indices(self.score(tokens), k)
+        """Indices ``[k]`` of the tokens to keep (any order), or a :class:`Selection` with features.
+
+        Default: the ``k`` highest of :meth:`score`, which must be ``[N]`` real and finite
+        (:func:`check_scores`)."""
+        scores = check_scores(self.score(tokens), tokens.num_tokens, who=f"{type(self).__name__}.score")
+        return top_k_indices(scores, k)
 
 
 class Gate(Component):
@@ -81,9 +127,7 @@ class Gate(Component):
         """Alive-relative indices ``[k]`` (into ``0..V-1``) of the visual tokens that stay."""
         if state.keep_per_image is None:
             raise NotImplementedError(f"{type(self).__name__} has no budget; it must override select()")
-        scores = self.score(state).detach().float().cpu()
-        if scores.shape != (state.num_visual,):
-            raise ValueError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, expected ({state.num_visual},)")
+        scores = check_scores(self.score(state), state.num_visual, who=f"{type(self).__name__}.score").detach().float().cpu()
         kept = []
         for image, k in enumerate(state.keep_per_image):
             in_image = state.visual_image == image

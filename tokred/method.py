@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .options import Integer, Number
 from .budget import Budget
 from .errors import BudgetError
 from .schedule import Schedule
@@ -60,8 +61,8 @@ class BudgetOptions(BaseModel):
 
     default_keep_ratio: ClassVar[float] = 0.25
 
-    keep: int | None = Field(None, description="Visual tokens to keep per image (absolute). Excludes keep_ratio.")
-    keep_ratio: float | None = Field(
+    keep: Integer | None = Field(None, description="Visual tokens to keep per image (absolute). Excludes keep_ratio.")
+    keep_ratio: Number | None = Field(
         None, description="Fraction of each image's visual tokens to keep, in (0, 1]. Excludes keep."
     )
     spread: Literal["image", "tiles"] = Field(

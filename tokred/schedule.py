@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .options import LayerSpec
 from .budget import Budget
 from .components import Gate, Selector
 from .errors import BudgetError, ScheduleError
@@ -65,7 +66,7 @@ class GateStage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layer: int | str = Field(description="Decoder layer (int, negative from the end) or depth fraction such as '7/8'.")
+    layer: LayerSpec = Field(description="Decoder layer (int, negative from the end) or depth fraction such as '7/8'.")
     gate: Gate = Field(description="The Gate that decides which visual tokens stay.")
     budget: Budget | None = Field(None, description="Visual tokens kept per image; None for gates that decide alone.")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..options import LayerSpec
 from ..components import Gate
 from ..method import BudgetOptions, Method
 from ..schedule import GateStage, Schedule
@@ -34,7 +35,7 @@ class FastVMethod(BudgetOptions, Method):
 
     default_keep_ratio = 0.5
 
-    layer: int | str = Field(2, description="Decoder layer K from which only the kept tokens remain (int or depth fraction like '1/4').")
+    layer: LayerSpec = Field(2, description="Decoder layer K from which only the kept tokens remain (int or depth fraction like '1/4').")
 
     def schedule(self) -> Schedule:
         return Schedule(gates=(GateStage(layer=self.layer, gate=LastTokenAttentionGate(), budget=self.budget),))

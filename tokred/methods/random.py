@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from ..options import Integer
 from ..components import Selector
 from ..method import BudgetOptions, Method
 from ..schedule import Schedule, SelectorStage
@@ -21,7 +22,7 @@ class RandomSelector(Selector):
     matter more here than independent draws per image).
     """
 
-    seed: int = Field(0, description="Seed of the random draw.")
+    seed: Integer = Field(0, description="Seed of the random draw.")
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)
@@ -33,7 +34,7 @@ class RandomMethod(BudgetOptions, Method):
 
     default_keep_ratio = 0.25
 
-    seed: int = Field(0, description="Seed of the random draw.")
+    seed: Integer = Field(0, description="Seed of the random draw.")
 
     def schedule(self) -> Schedule:
         return Schedule(selector=SelectorStage(selector=RandomSelector(seed=self.seed), budget=self.budget))

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 from tokred import Gate, GateState
+from tokred.options import Number
 from tokred.tokens import AttentionRole
 
 __all__ = ["InformationMigrationGate", "MigrationRatios", "migration_ratios"]
@@ -106,7 +107,7 @@ class InformationMigrationGate(Gate):
 
     requires_budget: ClassVar[bool] = False
 
-    tau: float = Field(
+    tau: Number = Field(
         0.10, ge=0.0, le=1.0,
         description="Threshold on both attention shares (text->visual, visual->text); below it on both, "
         "the sample's visual tokens are dropped. 0 never drops; the paper uses 0.10.",
