@@ -13,10 +13,7 @@ import torch
 
 __all__ = ["ImageLayout", "VisualTokens", "Selection", "GateState", "AttentionRole"]
 
-#: Which positions of a sample an attention query or key set refers to.
-#: ``"instruction"``: instruction text (the text after the first image, as the adapter defines it);
-#: ``"system"``: text before the first image; ``"text"``: both; ``"visual"``: the visual tokens still
-#: alive; ``"last"``: the last position of the sample (the token that predicts the next one).
+#: Which positions of a sample an attention query or key set refers to (see :meth:`GateState.attention`).
 AttentionRole = Literal["instruction", "system", "text", "visual", "last"]
 
 
@@ -104,6 +101,10 @@ class VisualTokens:
             [CLS] (Qwen-VL). Selectors must document their fallback.
         sample_index: the batch row the image belongs to.
         image_index: the image's number within its sample (0 for the first image of a row).
+        instruction_embeddings: ``[T, D]`` the language model's input embeddings of the sample's
+            instruction text (the ``"instruction"`` role of :meth:`GateState.attention`: the text
+            after the first image), in sequence order, for instruction-conditioned selectors;
+            ``[0, D]`` when the sample has none. The same for every image of a sample.
     """
 
     features: torch.Tensor
@@ -112,6 +113,7 @@ class VisualTokens:
     cls_attention: torch.Tensor | None = None
     sample_index: int = 0
     image_index: int = 0
+    instruction_embeddings: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -155,6 +157,9 @@ class GateState:
         num_instruction: number of instruction-text positions.
         num_system: number of system-text positions.
         hidden_states: ``[L, D]`` this sample's hidden states entering the layer (padding removed).
+        attention_source: ``(queries, keys) -> [heads, Q, K]``, what :meth:`attention` returns; the
+            runtime computes it from the previous layer's query and key states.
+            :func:`tokred.testing.make_gate_state` builds one from a given attention matrix.
     """
 
     layer: int
@@ -167,7 +172,7 @@ class GateState:
     hidden_states: torch.Tensor
     visual_tile: torch.Tensor | None = None
     keep_per_tile: list[list[int]] | None = None
-    _attention: Callable[[AttentionRole, AttentionRole], torch.Tensor] = field(repr=False, default=None)  # type: ignore[assignment]
+    attention_source: Callable[[AttentionRole, AttentionRole], torch.Tensor] | None = field(repr=False, default=None)
 
     @property
     def num_visual(self) -> int:
@@ -181,7 +186,22 @@ class GateState:
         and key positions. It is computed on demand from that layer's own query and key states
         (rotary embedding applied, grouped KV heads expanded) while the model keeps running its
         attention kernel; no full ``L x L`` matrix is formed.
+
+        The roles name sets of the sample's positions, each in sequence order (which positions are
+        which text comes from the model's adapter, ``Adapter.text_roles``, never from prompt-layout
+        constants):
+
+        * ``"visual"``: the visual tokens still alive at this layer (``V`` of them; index ``i`` is
+          alive-relative visual token ``i``, as in :attr:`visual_image`);
+        * ``"instruction"``: the instruction text, every real text token after the sample's first
+          image (the question, the chat template's turn markers, the assistant prefix);
+        * ``"system"``: every real text token before the first image (BOS, system prompt, role tags);
+        * ``"text"``: ``"system"`` and ``"instruction"`` together;
+        * ``"last"``: the sample's last position, the one whose output predicts the next token.
+
+        Queries see only keys before them: in image-first templates visual queries see the system
+        text but never the instruction, so their probabilities on instruction keys are 0.
         """
-        if self._attention is None:
-            raise RuntimeError("this GateState has no attention source")
-        return self._attention(queries, keys)
+        if self.attention_source is None:
+            raise RuntimeError("this GateState has no attention source (see tokred.testing.make_gate_state)")
+        return self.attention_source(queries, keys)

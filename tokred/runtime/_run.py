@@ -25,7 +25,7 @@ import contextlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ from ..adapters.base import Adapter, ImageSpan, VisionProbes
 from ..budget import Budget, split_proportionally
 from ..compat import Keyword
 from ..components import Gate, Selector
-from ..errors import BudgetError, MethodContractError, RuntimeStateError
+from ..errors import BudgetError, MethodContractError, RuntimeStateError, ScheduleError
 from ..method import Method
 from ..schedule import Schedule
 from ..tokens import GateState, Selection, VisualTokens
@@ -156,10 +156,18 @@ class _CacheState:
 
 @dataclass
 class _Decisions:
-    """Decisions of a prefill, replayed while the run is frozen."""
+    """Decisions of a prefill, replayed while the run is frozen. Both are positions-free, so they
+    replay onto the same images in a sequence of another length or padding:
 
-    stage1: dict[tuple[int, int], Selection] = field(default_factory=dict)
+    ``stage1[(sample, image)]``: ``(N, Selection)``; ``gates[(layer, sample)]``: ``[k]`` codes
+    ``image * _CODE + token`` of the visual tokens the gate kept."""
+
+    stage1: dict[tuple[int, int], tuple[int, Selection]] = field(default_factory=dict)
     gates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+#: ``image * _CODE + token`` identifies a visual token of a sample independently of its position.
+_CODE = 1 << 32
 
 
 class Run:
@@ -188,9 +196,13 @@ class Run:
         #: passes the same outputs to every step, which may then reuse the probes.
         self._consumed_probes: tuple[weakref.ref, VisionProbes] | None = None
         self._caller_positions = False
+        #: ``labels`` taken from the latest top-level call, to score on the reduced sequence.
+        self._labels: torch.Tensor | None = None
+        self._output_positions: torch.Tensor | None = None
         self._prefill: _Prefill | None = None
         self._cache_state: _CacheState | None = None
         self._frozen = False
+        self._frozen_rows: list[int] | None = None
         self._decisions = _Decisions()
         self._report = RunReport(adapter.family, method_name, adapter.num_layers)
 
@@ -205,21 +217,57 @@ class Run:
     def active(self) -> bool:
         return bool(self._removers)
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[Run]:
-        """Within this block, prefills reuse the decisions of the latest prefill instead of deciding
-        again: the same images keep the same tokens and the same gates drop the same positions.
+    @property
+    def output_positions(self) -> torch.Tensor | None:
+        """``[B, L']`` long, for the latest prefill: the input position (column of ``input_ids``)
+        that each position of the language model's output (logits, hidden states) holds; ``-1``
+        for padding. The output is shorter than the input when visual tokens were dropped, and
+        left-packed: text after the images keeps its order and ends every row. ``None`` before the
+        first prefill.
 
-        This makes a cache-free recomputation (``generate(use_cache=False)``, or scoring several
-        continuations of one prompt) see exactly the reduced sequence the cached run saw.
+        This is how reduced logits are read: the logits of input position ``p`` of row ``b`` are
+        ``logits[b, j]`` where ``output_positions[b, j] == p`` (text positions are never dropped).
+        A forward with ``labels`` uses the same mapping to score the loss on the survivors."""
+        return self._output_positions
+
+    @contextlib.contextmanager
+    def frozen(self, rows: Sequence[int] | None = None) -> Iterator[Run]:
+        """Within this block, prefills reuse the decisions of the latest prefill instead of deciding
+        again: the same images keep the same tokens and the same gates keep the same visual tokens.
+
+        This makes a cache-free recomputation (``generate(use_cache=False)``) see exactly the reduced
+        sequence the cached run saw, and lets text be scored after a decision made without it:
+        decide on a prompt, then score several continuations of it (log-likelihood of answer
+        choices) under the prompt's decisions. Decisions name visual tokens by image and index, not
+        by position, so the frozen prefills may be longer or padded differently.
+
+        Args:
+            rows: for each row of the frozen prefills, the row of the deciding prefill whose
+                decisions it replays (e.g. ``[0, 0, 0, 1, 1, 1]`` scores three continuations of
+                each of two prompts); default: the same rows. Each replayed row must hold the same
+                images (same token counts) as its source row.
         """
         if self._report.prefills == 0:
             raise RuntimeStateError("nothing to freeze: run a prefill inside this run first")
+        if rows is not None and (isinstance(rows, (str, bytes)) or any(isinstance(r, bool) or int(r) != r or r < 0 for r in rows)):
+            raise RuntimeStateError(f"rows must be row indices of the deciding prefill (non-negative ints), got {rows!r}")
         self._frozen = True
+        self._frozen_rows = None if rows is None else [int(r) for r in rows]
         try:
             yield self
         finally:
             self._frozen = False
+            self._frozen_rows = None
+
+    def _source_row(self, sample: int) -> int:
+        """The row of the deciding prefill whose decisions row ``sample`` replays while frozen."""
+        if self._frozen_rows is None:
+            return sample
+        if sample >= len(self._frozen_rows):
+            raise RuntimeStateError(
+                f"frozen(rows=...) names {len(self._frozen_rows)} rows, but this prefill has row {sample}"
+            )
+        return self._frozen_rows[sample]
 
     def __enter__(self) -> Run:
         self.install()
@@ -257,27 +305,64 @@ class Run:
     def _check_static(self) -> None:
         self.adapter.check_model_state()
         self.adapter.validate(self.gate_layers, schedule=self.schedule)
+        stage = self.schedule.selector
+        if stage is not None:
+            missing = sorted(stage.selector.required_inputs() - self.adapter.available_inputs())
+            if missing:
+                raise ScheduleError(
+                    f"{type(stage.selector).__name__} needs {', '.join(missing)}, which the {self.adapter.family} adapter "
+                    f"cannot provide (it provides {sorted(self.adapter.available_inputs()) or 'none'})"
+                )
         fixed = self.adapter.visual_tokens_per_image()
-        if fixed is None:
-            return
+        if fixed is not None:
+            self._check_image_budgets(fixed, f"this model has {fixed} visual tokens per image")
+
+    def _check_image_budgets(self, num_tokens: int, what: str) -> None:
+        """Every stage's budget for an image of ``num_tokens`` candidates, each within what the stage
+        before keeps, and the selector's options (:meth:`Selector.validate`): raises before any
+        decoder layer runs, at ``apply`` where the model fixes the count, else when images are seen."""
         stages: list[tuple[str, Budget | None]] = []
         if self.schedule.selector is not None:
             stages.append(("selector", self.schedule.selector.budget))
+            self._validate_selector(num_tokens)
         stages += [(f"gate at layer {layer}", g.budget) for layer, g in zip(self.gate_layers, self.schedule.gates)]
-        alive = fixed
-        for what, budget in stages:
+        alive = num_tokens
+        for stage, budget in stages:
             if budget is None:
                 continue
-            k = budget.tokens_for(fixed, what=f"image ({what}; this model has {fixed} visual tokens per image)")
+            k = budget.tokens_for(num_tokens, what=f"image ({stage}; {what})")
             if k > alive:
-                raise BudgetError(f"the {what} keeps {k} visual tokens per image but only {alive} survive the stage before")
+                raise BudgetError(
+                    f"the {stage} keeps {k} visual tokens per image but only {alive} survive the stage before ({what})"
+                )
             alive = k
+
+    def _check_span_budgets(self, span: ImageSpan) -> None:
+        """:meth:`_check_image_budgets` for one image the prefill holds, and, with a selector budget
+        spread over tiles, the selector's options on each of its tiles."""
+        n = span.positions.numel()
+        self._check_image_budgets(n, f"image {span.image} of sample {span.sample} has {n} visual tokens")
+        stage = self.schedule.selector
+        if stage is not None and stage.budget.spread == "tiles":
+            for tile in range(span.layout.num_tiles):
+                stage.selector.validate(int((span.layout.tile == tile).sum()))
+
+    def _validate_selector(self, num_tokens: int) -> None:
+        stage = self.schedule.selector
+        assert stage is not None
+        if stage.budget.spread == "tiles":
+            return  # tiles are validated one by one when the image's layout is known
+        stage.selector.validate(num_tokens)
 
     # ----------------------------------------------------------------- install
 
     def _install(self) -> None:
         adapter = self.adapter
         mm, lm, layers = adapter.multimodal_model(), adapter.language_model(), adapter.decoder_layers()
+        top = self.model
+        if top is not mm:
+            self._hook(top.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+            self._hook(top.register_forward_hook(self._score_labels, with_kwargs=True))
         self._hook(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         self._hook(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True, prepend=True))
         self._hook(lm.register_forward_hook(self._after_language_model, with_kwargs=True))
@@ -290,6 +375,36 @@ class Run:
 
     def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._removers.append(handle.remove)
+
+    # ------------------------------------------------------------------- labels
+
+    def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Labels ``[B, L]`` describe the full input; the logits of a reduced prefill are shorter.
+        They are taken out of the call here and scored on the survivors in :meth:`_score_labels`."""
+        self._labels = None
+        if kwargs.get(Keyword.LABELS) is None:
+            return None
+        new_kwargs = dict(kwargs)
+        self._labels = new_kwargs.pop(Keyword.LABELS)
+        return args, new_kwargs
+
+    def _score_labels(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        labels, self._labels = self._labels, None
+        if labels is None:
+            return None
+        positions = self._output_positions
+        logits = getattr(output, "logits", None)
+        if positions is None or logits is None or logits.shape[:2] != positions.shape or labels.shape[0] != positions.shape[0]:
+            raise RuntimeStateError(
+                "tokred scores labels on the reduced sequence of a prefill; this call's logits "
+                f"{None if logits is None else tuple(logits.shape[:2])} do not match its reduced layout "
+                f"{None if positions is None else tuple(positions.shape)} (logits_to_keep and labels on decoding "
+                "steps are not supported under tokred)"
+            )
+        index = positions.to(labels.device)
+        survivors = labels.gather(1, index.clamp(min=0)).masked_fill(index < 0, -100)     # [B, L']
+        output.loss = compat.causal_lm_loss(self.model, logits, survivors, self.adapter.text_config.vocab_size)
+        return output
 
     # ---------------------------------------------------- multimodal model hook
 
@@ -382,6 +497,11 @@ class Run:
         cache = compat.output_cache(output)
         if self._mode in ("prefill", "passthrough") and self._cache_state is not None and cache is not None:
             self._cache_state.cache = weakref.ref(cache)
+        if self._mode == "prefill" and self._prefill is not None:
+            self._output_positions = self._prefill.current.origin.clone()
+        elif self._mode == "passthrough" and self._input_ids is not None:
+            batch, length = self._input_ids.shape
+            self._output_positions = torch.arange(length).expand(batch, -1).clone()
         encoded = _encoded_images(self._multimodal_inputs)
         if self._mode == "prefill" and encoded is not None:
             self._consumed_probes = (weakref.ref(encoded), self._probes.snapshot())
@@ -413,6 +533,9 @@ class Run:
             self._cache_state = _CacheState(lambda: None, [], [], length, None, passthrough=True)
             self._mode = "passthrough"
             return None
+        _check_left_padded(real)
+        for span in spans:
+            self._check_span_budgets(span)
 
         visual = torch.zeros(batch, length, dtype=torch.bool)
         image_of = torch.full((batch, length), -1, dtype=torch.long)
@@ -439,7 +562,7 @@ class Run:
             start = time.perf_counter()
             _sync(device)
             for span in spans:
-                selection = self._select(span, embeds)
+                selection = self._select(span, embeds, instruction[span.sample])
                 positions = span.positions
                 dropped = torch.ones(positions.numel(), dtype=torch.bool)
                 dropped[selection.indices] = False
@@ -490,15 +613,23 @@ class Run:
             return None
         return torch.cumsum((real & ~keep).long(), dim=1)
 
-    def _select(self, span: ImageSpan, embeds: torch.Tensor) -> Selection:
+    def _select(self, span: ImageSpan, embeds: torch.Tensor, instruction: torch.Tensor) -> Selection:
+        """Stage I for one image; ``instruction`` ``[L]`` bool marks its sample's instruction text."""
         stage = self.schedule.selector
         assert stage is not None
         key = (span.sample, span.image)
         n = span.positions.numel()
         if self._frozen:
-            if key not in self._decisions.stage1:
-                raise RuntimeStateError(f"frozen run has no stage-I decision for sample {span.sample} image {span.image}")
-            return self._decisions.stage1[key]
+            source = (self._source_row(span.sample), span.image)
+            if source not in self._decisions.stage1:
+                raise RuntimeStateError(f"frozen run has no stage-I decision for sample {source[0]} image {span.image}")
+            decided_n, decided = self._decisions.stage1[source]
+            if decided_n != n:
+                raise RuntimeStateError(
+                    f"frozen run: image {span.image} of row {span.sample} has {n} visual tokens, but the decision it "
+                    f"replays (row {source[0]}) was made on {decided_n}; replay a row onto the same images"
+                )
+            return decided
         tokens = VisualTokens(
             features=embeds[span.sample, span.positions.to(embeds.device)],
             layout=span.layout,
@@ -506,13 +637,14 @@ class Run:
             cls_attention=self._probe("cls_attention", span),
             sample_index=span.sample,
             image_index=span.image,
+            instruction_embeddings=embeds[span.sample, instruction.to(embeds.device)],
         )
         k = stage.budget.tokens_for(n)
         if stage.budget.spread == "tiles" and span.layout.num_tiles > 1:
             selection = self._select_per_tile(stage.selector, tokens, k)
         else:
             selection = _check_selection(stage.selector, stage.selector.select(tokens, k), n, k, embeds.shape[-1])
-        self._decisions.stage1[key] = selection
+        self._decisions.stage1[key] = (n, selection)
         return selection
 
     @staticmethod
@@ -536,6 +668,7 @@ class Run:
                 cls_attention=None if tokens.cls_attention is None else tokens.cls_attention[index.to(tokens.cls_attention.device)],
                 sample_index=tokens.sample_index,
                 image_index=tokens.image_index,
+                instruction_embeddings=tokens.instruction_embeddings,
             )
             chosen = _check_selection(selector, selector.select(part, share), index.numel(), share, tokens.features.shape[-1])
             kept.append(index[chosen.indices])
@@ -706,17 +839,18 @@ class Run:
             if visual_local.numel() == 0:
                 continue
             visual_origin = origin[sample, visual_local]
+            codes = prefill.image_of[sample, visual_origin] * _CODE + prefill.token_of[sample, visual_origin]   # [V]
             if self._frozen:
-                key = (layer, sample)
+                key = (layer, self._source_row(sample))
                 if key not in self._decisions.gates:
-                    raise RuntimeStateError(f"frozen run has no decision for the gate at layer {layer}, sample {sample}")
-                kept_local = visual_local[torch.isin(visual_origin, self._decisions.gates[key])]
+                    raise RuntimeStateError(f"frozen run has no decision for the gate at layer {layer}, sample {key[1]}")
+                kept_local = visual_local[torch.isin(codes, self._decisions.gates[key])]
             else:
                 state = self._gate_state(layer, sample, prefill, stage.budget, visual_local, valid[sample], hidden, stash)
                 with torch.no_grad():  # decisions only; never build an autograd graph on attention
                     chosen = _check_gate_choice(stage.gate, stage.gate.select(state), state)
                 kept_local = visual_local[chosen]
-                self._decisions.gates[(layer, sample)] = origin[sample, kept_local]
+                self._decisions.gates[(layer, sample)] = codes[chosen]
             keep[sample, visual_local] = False
             keep[sample, kept_local] = True
             self._update_final(sample, prefill, origin[sample, kept_local])
@@ -777,7 +911,22 @@ class Run:
             layer=layer, sample_index=sample, visual_image=visual_image, visual_token=visual_token,
             keep_per_image=keep_per_image, visual_tile=visual_tile, keep_per_tile=keep_per_tile, num_instruction=int(roles["instruction"].numel()),
             num_system=int(roles["system"].numel()), hidden_states=hidden[sample, valid.to(hidden.device)],
-            _attention=attention,
+            attention_source=attention,
+        )
+
+
+def _check_left_padded(real: torch.Tensor) -> None:
+    """Refuse a batch whose attention mask ``[B, L]`` has padding after a real token.
+
+    The reduced sequence is packed to the right (the last position of every row is a real token, as
+    ``generate`` needs), so a right-padded prompt would be answered from its padding and decode at
+    the wrong positions; the check runs before any decoder layer."""
+    later_padding = (~real) & (torch.cumsum(real.long(), dim=1) > 0)
+    rows = torch.nonzero(later_padding.any(dim=1)).flatten().tolist()
+    if rows:
+        raise RuntimeStateError(
+            f"the attention mask of rows {rows} has padding after real tokens (right padding); tokred needs left "
+            "padding: create the processor with padding_side='left' (or set processor.tokenizer.padding_side = 'left')"
         )
 
 

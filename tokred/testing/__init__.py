@@ -13,9 +13,10 @@ from ._checks import (
     parametrize_with_checks,
     tiny_inputs,
 )
+from ._builders import make_gate_state, make_visual_tokens
 from ._tiny import FAMILIES, make_image, tiny_model
 
 __all__ = [
-    "FAMILIES", "make_image", "tiny_model", "tiny_inputs",
+    "FAMILIES", "make_image", "tiny_model", "tiny_inputs", "make_visual_tokens", "make_gate_state",
     "CHECKS", "ConformanceError", "check_method", "conformance_cases", "parametrize_with_checks",
 ]

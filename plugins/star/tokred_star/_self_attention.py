@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 from tokred import OptionsError, Selector, VisualTokens
+from tokred.options import Integer
 
 __all__ = ["self_attention_scores", "SelfAttentionSelector", "DEFAULT_BLOCK_SIZE"]
 
@@ -113,7 +114,7 @@ class SelfAttentionSelector(Selector):
         description="Count each token's attention to itself (the literal softmax(HH^T/sqrt(d)) column mean). "
         "Default ours: False, the attention a token receives from the other tokens.",
     )
-    block_size: int = Field(
+    block_size: Integer = Field(
         DEFAULT_BLOCK_SIZE, ge=1,
         description="Query rows per block; memory O(N * block_size). Does not change the scores beyond float rounding.",
     )
@@ -122,6 +123,11 @@ class SelfAttentionSelector(Selector):
     def inputs(self) -> frozenset[str]:  # type: ignore[override]
         """What the runtime must capture: pre-projector features when ``features="pre_projector"``."""
         return frozenset({"pre_projector"}) if self.features == "pre_projector" else frozenset()
+
+    def required_inputs(self) -> frozenset[str]:
+        """``features="pre_projector"`` cannot run without them: ``tokred.apply`` refuses it on models
+        whose adapter captures none (Qwen-VL)."""
+        return self.inputs
 
     def score(self, tokens: VisualTokens) -> torch.Tensor:
         """``[N]`` float32 stage-I scores of one image's tokens."""

@@ -35,7 +35,7 @@ def _state(full: torch.Tensor, roles: dict[str, list[int]], requests: list[tuple
     return GateState(
         layer=GATE_LAYER, sample_index=0, visual_image=torch.zeros(num_visual, dtype=torch.long),
         visual_token=torch.arange(num_visual), keep_per_image=None, num_instruction=len(roles["instruction"]),
-        num_system=len(roles["system"]), hidden_states=torch.zeros(full.shape[-1], 4), _attention=attention,
+        num_system=len(roles["system"]), hidden_states=torch.zeros(full.shape[-1], 4), attention_source=attention,
     )
 
 
@@ -75,7 +75,7 @@ def _constant_state(t2v: float, v2t: float, *, system: int = 2, instruction: int
     return GateState(
         layer=GATE_LAYER, sample_index=0, visual_image=torch.zeros(visual, dtype=torch.long),
         visual_token=torch.arange(visual), keep_per_image=None, num_instruction=instruction, num_system=system,
-        hidden_states=torch.zeros(text + visual, 4), _attention=attention,
+        hidden_states=torch.zeros(text + visual, 4), attention_source=attention,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import AfterValidator, Field
-from tokred import Selector, VisualTokens
+from tokred import OptionsError, Selector, VisualTokens
 
 from ._greedy import k_center, max_sum_diversity, row_norms
 
@@ -104,6 +104,14 @@ class DiversitySelector(Selector):
         """What the runtime must capture: the [CLS] attention, only for the ``cls_attention`` pivot
         (so ``pivot="max_norm"`` also runs where none can be captured, e.g. under beam search)."""
         return frozenset({"cls_attention"}) if self.pivot == "cls_attention" else frozenset()
+
+    def validate(self, num_tokens: int) -> None:
+        """``pivot="index:<i>"`` needs ``i < N`` on every image (every tile with ``spread="tiles"``)."""
+        if self.pivot.startswith("index:") and int(self.pivot.split(":", 1)[1]) >= num_tokens:
+            raise OptionsError(
+                f"todre.diversity: pivot={self.pivot!r} is outside an image of {num_tokens} visual tokens "
+                f"(valid: index:0 to index:{num_tokens - 1})"
+            )
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
         if k == tokens.num_tokens:
