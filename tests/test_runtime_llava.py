@@ -346,7 +346,7 @@ def test_report_summary_and_dict(llava_sdpa) -> None:
 def test_attention_slices_are_the_same_in_query_blocks() -> None:
     """Blocking over queries bounds memory; probabilities agree to float rounding (the matmul
     kernels differ with the block size)."""
-    from tokred.runtime._run import _attention_slice
+    from tokred.runtime._gating import attention_slice as _attention_slice
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 50, 8, generator=generator)                   # [B, H, L, d]

@@ -59,7 +59,7 @@ def check_scores(scores: object, n: int, *, who: str) -> torch.Tensor:
             first = int(torch.nonzero(bad)[0])
             raise MethodContractError(
                 f"{who} returned {int(bad.sum())} non-finite scores (NaN or infinity; the first at token {first}, "
-                f"{float(scores[first])}): scores must be finite"
+                f"{float(scores[first].detach())}): scores must be finite"
             )
     return scores
 

@@ -7,14 +7,16 @@ A method is a small pydantic model: its fields are the user-facing options (vali
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .options import Integer, Number
 from .budget import Budget
 from .errors import BudgetError
-from .schedule import Schedule
+
+if TYPE_CHECKING:  # a method builds a Schedule; importing it here would close a circle through the registry
+    from .schedule import Schedule
 
 __all__ = ["Method", "BudgetOptions"]
 
