@@ -344,7 +344,7 @@ def test_a_marked_misspelled_hook_is_reported_with_a_suggestion_and_the_valid_on
     assert registry.list_selectors() == ["typo.selector"] and registry.list_methods() == []
     assert [str(f) for f in registry.errors] == [
         "plugin typo (in-process) failed in registration: PluginError: tokred_register_method is marked "
-        "@tokred.hookimpl but is not a tokred hook, so it is never called; did you mean tokred_register_methods?; "
+        "@tokred.hookimpl but is not a tokred hook, so it is never called (did you mean tokred_register_methods?); "
         "the hooks are tokred_register_adapters, tokred_register_selectors, tokred_register_gates, tokred_register_methods"
     ]
 
@@ -366,7 +366,7 @@ def test_a_hook_without_the_marker_is_reported() -> None:
     where = "plugin unmarked (in-process) failed in registration: PluginError: "
     assert [str(f) for f in registry.errors] == [
         where + "tokred_register_gate is named like a tokred hook but is neither marked @tokred.hookimpl nor a hook's "
-        "name, so it is never called; did you mean tokred_register_gates?; the hooks are tokred_register_adapters, "
+        "name, so it is never called (did you mean tokred_register_gates?); the hooks are tokred_register_adapters, "
         "tokred_register_selectors, tokred_register_gates, tokred_register_methods",
         where + "tokred_register_methods is named like a tokred hook but is not marked @tokred.hookimpl, so it is "
         "never called; decorate it with @tokred.hookimpl",

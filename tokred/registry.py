@@ -566,7 +566,7 @@ def _check_prefer(prefer: Mapping[str, str]) -> dict[str, str]:
 
 def _did_you_mean(name: str, cutoff: float = 0.6) -> str:
     close = difflib.get_close_matches(name, _HOOK_NAMES, n=1, cutoff=cutoff)
-    return f"; did you mean {close[0]}?" if close else ""
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _stray_hooks(pm: pluggy.PluginManager, obj: object) -> list[str]:
