@@ -58,11 +58,15 @@ _KINDS: tuple[Kind, ...] = tuple(kind for kind, _ in _HOOKS)
 _HOOK_NAMES: tuple[str, ...] = tuple(hook for _, hook in _HOOKS)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
-#: The distributions of this repository. A name (or alias) one of them registers belongs to it: no
-#: other plugin can take it over, whatever its entry point is called. ``tokred-baselines`` is
-#: reserved for a future distribution of more baseline methods (today they ship inside ``tokred``).
-#: Everything else, plugins passed in-process to :class:`Registry` included, is third-party.
 FIRST_PARTY_DISTRIBUTIONS: frozenset[str] = frozenset({"tokred", "tokred-todre", "tokred-star", "tokred-baselines"})
+"""The distributions of this repository: a name (or alias) one of them registers belongs to it.
+
+No other plugin can take such a name over, whatever its entry point is called (see
+:class:`Registry`). ``tokred`` registers the adapters and the baselines, ``tokred-todre`` and
+``tokred-star`` their methods; ``tokred-baselines`` is reserved for a future distribution of more
+baseline methods. Everything else, plugins passed in-process to :class:`Registry` included, is
+third-party.
+"""
 
 
 def _provider(plugin: str, distribution: str | None, in_process: bool) -> str:
