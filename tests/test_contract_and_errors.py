@@ -321,3 +321,41 @@ def test_output_positions_map_reduced_logits_to_input_columns() -> None:
         assert real[-1] == length - 1 and torch.all(real[1:] > real[:-1])  # in order, ending at the last column
         assert int((inputs["input_ids"][row, real] == model.config.image_token_id).sum()) == 16
 
+
+
+# ------------------------------------------------------------------ who broke the contract (item 5)
+
+
+class DuplicateSelector(Selector):
+    """Returns the first index k times."""
+
+    def select(self, tokens, k):  # type: ignore[no-untyped-def]
+        return torch.zeros(k, dtype=torch.long)
+
+
+class DuplicateMethod(tokred.BudgetOptions, tokred.Method):
+    """For the test below: stage I by DuplicateSelector."""
+
+    def schedule(self) -> Schedule:
+        return Schedule(selector=SelectorStage(selector=DuplicateSelector(), budget=self.budget))
+
+
+def test_contract_errors_name_the_registered_component_and_its_plugin() -> None:
+    import types
+
+    plugin = types.SimpleNamespace(
+        __name__="dups",
+        tokred_register_selectors=tokred.hookimpl(lambda register: register("dup", DuplicateSelector)),
+        tokred_register_methods=tokred.hookimpl(lambda register: register("dup-method", DuplicateMethod)),
+    )
+    registry = tokred.Registry(entry_points=(), plugins=[tokred.adapters, plugin])
+    model, processor = tiny_model("llava")
+    with tokred.apply(model, registry.create("dup-method", keep=4), registry=registry):
+        with pytest.raises(MethodContractError) as info:
+            model(**tiny_inputs(processor, [PROMPT]))
+    assert str(info.value) == "selector 'dup' (DuplicateSelector) from plugin 'dups' (in-process): select() returned duplicate indices"
+
+
+def test_a_misspelt_option_gets_a_suggestion() -> None:
+    with pytest.raises(OptionsError, match=r"method 'todre' has no option 'tua' \(did you mean 'tau' for 'tua'\?\)"):
+        tokred.create("todre", tua=0.1)

@@ -161,3 +161,17 @@ def test_the_troubleshooting_pages_prefer_snippet_runs() -> None:
         assert tokred.default_registry().prefer == {"selector:example.norm": "tokred-example-plugin"}
     finally:
         set_default_registry(previous)
+
+
+def test_the_runtime_refuses_nan_scores_naming_the_method_plugin_and_distribution(registry: Registry) -> None:
+    from tokred.testing import tiny_inputs, tiny_model
+
+    model, processor = tiny_model("llava")
+    with tokred.apply(model, registry.create("hostile-nan", keep=8), registry=registry):
+        with pytest.raises(tokred.MethodContractError) as info:
+            model(**tiny_inputs(processor, ["What is shown?"]))
+    assert str(info.value) == (
+        "selector 'hostile.nan' (NanScoreSelector) from plugin 'hostile' (distribution tokred-hostile): "
+        "NanScoreSelector.score returned 576 non-finite scores (NaN or infinity; the first at token 0, nan): "
+        "scores must be finite"
+    )

@@ -129,19 +129,19 @@ def check_selection(name: str, result: object, n: int, k: int, dim: int) -> Sele
     selection = result if isinstance(result, Selection) else Selection(result)  # type: ignore[arg-type]
     indices = selection.indices
     if not _integer_tensor(indices):
-        raise MethodContractError(f"{name}.select must return a 1-D integer tensor of indices, got {indices!r:.80}")
+        raise MethodContractError(f"{name}: select() must return a 1-D integer tensor of indices, got {indices!r:.80}")
     indices = indices.detach().long().cpu()
     if indices.numel() != k:
-        raise MethodContractError(f"{name}.select returned {indices.numel()} indices; the budget is exactly {k}")
+        raise MethodContractError(f"{name}: select() returned {indices.numel()} indices; the budget is exactly {k}")
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-        raise MethodContractError(f"{name}.select returned indices outside 0..{n - 1}")
+        raise MethodContractError(f"{name}: select() returned indices outside 0..{n - 1}")
     if torch.unique(indices).numel() != indices.numel():
-        raise MethodContractError(f"{name}.select returned duplicate indices")
+        raise MethodContractError(f"{name}: select() returned duplicate indices")
     order = torch.argsort(indices)
     features = selection.features
     if features is not None:
         if features.shape != (k, dim):
-            raise MethodContractError(f"{name}.select returned features of shape {tuple(features.shape)}, expected ({k}, {dim})")
+            raise MethodContractError(f"{name}: select() returned features of shape {tuple(features.shape)}, expected ({k}, {dim})")
         features = features[order.to(features.device)]
     return Selection(indices[order], features)
 
@@ -237,24 +237,24 @@ def check_gate_choice(name: str, chosen: object, state: GateState) -> torch.Tens
     import torch
 
     if not _integer_tensor(chosen):
-        raise MethodContractError(f"{name}.select must return a 1-D integer tensor of indices, got {chosen!r:.80}")
+        raise MethodContractError(f"{name}: select() must return a 1-D integer tensor of indices, got {chosen!r:.80}")
     chosen = chosen.detach().long().cpu()  # type: ignore[union-attr]
     v = state.num_visual
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= v):
-        raise MethodContractError(f"{name}.select returned indices outside 0..{v - 1}")
+        raise MethodContractError(f"{name}: select() returned indices outside 0..{v - 1}")
     if torch.unique(chosen).numel() != chosen.numel():
-        raise MethodContractError(f"{name}.select returned duplicate indices")
+        raise MethodContractError(f"{name}: select() returned duplicate indices")
     if state.keep_per_image is not None:
         counts = torch.bincount(state.visual_image[chosen], minlength=len(state.keep_per_image)).tolist()
         if counts != list(state.keep_per_image):
-            raise MethodContractError(f"{name}.select kept {counts} tokens per image; the budget is exactly {state.keep_per_image}")
+            raise MethodContractError(f"{name}: select() kept {counts} tokens per image; the budget is exactly {state.keep_per_image}")
     if state.keep_per_tile is not None and state.visual_tile is not None:
         for image, wanted in enumerate(state.keep_per_tile):
             tiles = state.visual_tile[chosen][state.visual_image[chosen] == image]
             counts = torch.bincount(tiles, minlength=len(wanted)).tolist()
             if counts != list(wanted):
                 raise MethodContractError(
-                    f"{name}.select kept {counts} tokens per tile of image {image}; the budget spread over tiles is "
+                    f"{name}: select() kept {counts} tokens per tile of image {image}; the budget spread over tiles is "
                     f"exactly {wanted} (a gate that overrides select() must honour state.keep_per_tile)"
                 )
     return torch.sort(chosen).values

@@ -743,14 +743,19 @@ def _instantiate(entry: Entry, options: dict[str, Any]) -> Any:
     cls = entry.obj
     unknown = sorted(set(options) - set(cls.model_fields))
     if unknown:
-        raise OptionsError(f"{entry.kind} {entry.name!r} has no option {', '.join(map(repr, unknown))}; {_describe_fields(cls)}")
+        hints = [f"did you mean {close[0]!r} for {name!r}?" for name in unknown
+                 if (close := difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.6))]
+        raise OptionsError(f"{entry.kind} {entry.name!r} has no option {', '.join(map(repr, unknown))}"
+                           f"{' (' + ' '.join(hints) + ')' if hints else ''}; {_describe_fields(cls)}")
     try:
         return cls(**options)
     except ValidationError as exc:
         cause = _tokred_cause(exc)
         if cause is not None:
             raise type(cause)(f"{entry.kind} {entry.name!r}: {cause}") from None
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        # pydantic prefixes the messages of validators' ValueErrors with "Value error, ".
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
         raise OptionsError(f"invalid options for {entry.kind} {entry.name!r}: {problems}. {_describe_fields(cls)}") from None
 
 
