@@ -1,8 +1,7 @@
 """``--model tokred`` through lmms-eval's own CLI, offline, on a tiny saved model and tiny local tasks.
 
 lmms-eval is not a test dependency of the core (its registry requirements pull a CUDA torchvision on
-CPU machines); the test skips where it cannot be imported. Install recipe: docs/recipes/lmms-eval.md
-on the ``lmms`` branch, or the report that came with it.
+CPU machines); the test skips where it cannot be imported. Install recipe: docs/recipes/lmms-eval.md.
 
 Also a script: ``python tests/test_lmms_eval_plugin.py DIR`` writes the tiny model and tasks into DIR
 and prints the lmms-eval command that evaluates them.
