@@ -22,6 +22,8 @@ COLOURS = ("red", "green", "blue", "yellow")
 RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 NUM_DOCS = 12
 
+_SKIP = "lmms-eval is not installed (CPU install without torchvision: docs/recipes/lmms-eval.md)"
+
 GEN_TASK = "tokred_tiny_gen"
 MC_TASK = "tokred_tiny_mc"
 
@@ -171,7 +173,7 @@ def _run_in_process(runs: dict[str, str], tasks: Path, env: dict[str, str], cwd:
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install --no-deps lmms-eval; see the recipe)")
+    pytest.importorskip("lmms_eval", reason=_SKIP)
     try:
         import lmms_eval.evaluator  # noqa: F401  (the evaluation path: accelerate, datasets, evaluate, ...)
     except Exception as error:  # noqa: BLE001 - any import failure means this environment cannot run it
@@ -238,7 +240,6 @@ def test_lmms_eval_loglikelihood_matches_a_direct_forward(tiny_setup) -> None:
     import torch
     import transformers
 
-    pytest.importorskip("lmms_eval")
     from lmms_eval.api.instance import Instance
 
     from tokred.integrations.lmms_eval import TokredLMM
@@ -295,7 +296,7 @@ def test_misaligned_logits_fail_loudly(tiny_setup) -> None:
 
 
 def test_model_args_parsing() -> None:
-    pytest.importorskip("lmms_eval")
+    pytest.importorskip("lmms_eval", reason=_SKIP)
     from tokred.integrations.lmms_eval import parse_model_args
 
     assert parse_model_args("pretrained=/m,method=todre,keep_ratio=0.1,keep=64,tau=-1e-2,stage2=False,"
@@ -307,7 +308,7 @@ def test_model_args_parsing() -> None:
 
 
 def test_unknown_method_option_fails_before_loading(tmp_path: Path) -> None:
-    pytest.importorskip("lmms_eval")
+    pytest.importorskip("lmms_eval", reason=_SKIP)
     import tokred
     from tokred.integrations.lmms_eval import TokredLMM
 
