@@ -38,9 +38,9 @@ class CommandError(Exception):
         self.details = tuple(details)
 
 
-def suggest(word: str, candidates: Iterable[str]) -> str | None:
+def suggest(word: str, candidates: Iterable[str], *, cutoff: float = 0.6) -> str | None:
     """The candidate closest to ``word`` (``difflib``), or ``None`` when none is close."""
-    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=1, cutoff=cutoff)
     return close[0] if close else None
 
 
@@ -75,20 +75,19 @@ class Parser(argparse.ArgumentParser):
 
     def _unrecognized(self, extras: list[str], command: argparse.ArgumentParser) -> str:
         message = f"unrecognized arguments: {' '.join(extras)}"
-        own = [s for action in command._actions for s in action.option_strings]
+        own = [s for action in command._actions for s in action.option_strings if s not in ("-h", "--help")]
         hints = []
         for token in extras:
             if not token.startswith("-") or token == "-":
                 continue
             flag = token.split("=", 1)[0]
-            close = suggest(flag, own)
-            if close is not None:
-                hints.append(f"did you mean {close!r}?")
-                continue
             elsewhere = sorted(name for name, p in self.commands.items()
                                if p is not command and any(flag in a.option_strings for a in p._actions))
-            if elsewhere:
+            close = suggest(flag, own, cutoff=0.7)
+            if elsewhere:  # a real flag, of another command: say so rather than guess a near one
                 hints.append(f"{flag} is an option of " + ", ".join(f"'tokred {name}'" for name in elsewhere))
+            elif close is not None:
+                hints.append(f"did you mean {close!r}?")
         return "; ".join([message, *hints])
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:

@@ -331,6 +331,8 @@ def _pretrained_source(model_id: str, dtype_name: str, attn: str, device: torch.
     output.note(f"reading the configuration and processor of {model_id} ...")
     config = _hub_call(model_id, lambda: transformers.AutoConfig.from_pretrained(where))
     _check_architecture(model_id, config, registry)
+    if path.is_dir():
+        _check_saved_files(model_id, path)
     processor = _hub_call(model_id, lambda: transformers.AutoProcessor.from_pretrained(where), what="processor")
     if getattr(processor, "image_processor", None) is None or not callable(processor):
         raise CommandError(
@@ -348,6 +350,17 @@ def _pretrained_source(model_id: str, dtype_name: str, attn: str, device: torch.
         return model
 
     return Source(model_id, device, processor, config, load)
+
+
+def _check_saved_files(model_id: str, path: Path) -> None:
+    """A saved model directory holds weights and the processor next to ``config.json``."""
+    names = {p.name for p in path.iterdir()}
+    if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
+        raise CommandError(f"{model_id} has a config.json but no weights (model.safetensors): save the model there "
+                           "with model.save_pretrained(DIR)")
+    if not names & {"processor_config.json", "preprocessor_config.json"}:
+        raise CommandError(f"{model_id} has no processor (processor_config.json or preprocessor_config.json): save "
+                           "the model's processor there with processor.save_pretrained(DIR)")
 
 
 def _check_architecture(model_id: str, config: Any, registry: Registry) -> None:

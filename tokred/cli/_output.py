@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import time
 from types import TracebackType
 from typing import Any, Collection, Sequence, TextIO
@@ -33,11 +34,10 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def _width(stream: TextIO) -> int:
-    try:
-        return os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, OSError, ValueError):
-        return 100
+def _width() -> int:
+    """The terminal's columns (``COLUMNS`` first, as ``shutil`` reads them); 100 when unknown or 0."""
+    columns = shutil.get_terminal_size(fallback=(100, 24)).columns
+    return columns if columns >= 20 else 100
 
 
 class Output:
@@ -61,7 +61,7 @@ class Output:
         no_colour = bool(os.environ.get("NO_COLOR"))
         self.colour = (self.terminal and not no_colour) if colour is None else colour
         self.err_colour = (self.err_terminal and not no_colour) if colour is None else colour
-        self.width = width or _width(stdout)
+        self.width = width or _width()
         self._progress: Progress | None = None
 
     # ------------------------------------------------------------------ stdout
@@ -93,15 +93,15 @@ class Output:
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
-                      border_style="dim")
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                      header_style="bold", border_style="dim")
         for index, header in enumerate(headers):
             last = index == len(headers) - 1
             table.add_column(Text(header), justify="right" if index in right else "left",
                              no_wrap=not last, overflow="fold")
         for row in rows:
             table.add_row(*(Text(str(cell)) for cell in row))  # Text: cells are not rich markup ("[bfr]*")
-        return self._render(Padding(table, (0, 0, 0, indent)) if indent else table).rstrip("\n")
+        return self._render(Padding(table, (0, 0, 0, indent), expand=False) if indent else table).rstrip("\n")
 
     def heading(self, text: str) -> str:
         """A section title: bold on a terminal with colours, plain otherwise."""
