@@ -177,7 +177,7 @@ def test_a_working_model_directory_still_runs(saved_llava: tuple[Path, Path], ca
 @pytest.mark.parametrize(("flag", "make", "message"), [
     ("--plot", lambda d: d / "missing" / "p.png", "the directory '{d}/missing' does not exist"),
     ("--json-file", lambda d: d, "'{d}' is a directory; give a file name inside it"),
-    ("--plot", lambda d: d / "file.txt" / "p.png", "the directory '{d}/file.txt' is not a directory"),
+    ("--plot", lambda d: d / "file.txt" / "p.png", "'{d}/file.txt' is not a directory"),
 ])
 def test_bench_checks_its_output_files_before_anything_runs(flag: str, make, message: str, tmp_path: Path,  # noqa: ANN001
                                                             capsys: pytest.CaptureFixture[str]) -> None:

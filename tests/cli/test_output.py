@@ -106,3 +106,21 @@ def test_every_command_that_prints_a_table_prints_json_instead(argv: list[str], 
     assert main(argv, registry=registry) == 0
     captured = capsys.readouterr()
     assert isinstance(json.loads(captured.out), dict)  # stdout is the JSON document only
+
+
+def test_an_interrupt_exits_130_and_a_closed_pipe_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                      registry: tokred.Registry) -> None:
+    from tokred.cli import _list
+
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_list, "handle", interrupted)
+    assert main(["list"], registry=registry) == 130
+    assert capsys.readouterr().err == "tokred: interrupted\n"
+
+    def reader_left(*args: object) -> int:
+        raise BrokenPipeError
+
+    monkeypatch.setattr(_list, "handle", reader_left)
+    assert main(["list"], registry=registry) == 1

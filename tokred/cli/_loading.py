@@ -19,6 +19,7 @@ import importlib.util
 import os
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +64,21 @@ def _presets_module() -> Any:
     spec = importlib.util.find_spec("tokred")
     assert spec is not None and spec.submodule_search_locations
     path = Path(list(spec.submodule_search_locations)[0]) / "bench" / "_presets.py"
-    # The module's own name, so that the relative import inside Preset.build() resolves; it is not
-    # put into sys.modules, so importing tokred.bench later loads the real one.
-    loaded = importlib.util.spec_from_file_location("tokred.bench._presets", path)
+    # A copy under a name of its own (dataclasses look their module up in sys.modules), one package
+    # below tokred as the original, so the relative import inside Preset.build() still resolves;
+    # tokred.bench, when imported, loads the original.
+    name = "tokred.cli._presets_copy"
+    if name in sys.modules:
+        return sys.modules[name]
+    loaded = importlib.util.spec_from_file_location(name, path)
     assert loaded is not None and loaded.loader is not None
     module = importlib.util.module_from_spec(loaded)
-    loaded.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        loaded.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
@@ -82,8 +92,12 @@ def add_model_source(parser: argparse.ArgumentParser, *, required: bool) -> None
     source.add_argument("--model", metavar="PATH_OR_HUB_ID",
                         help="a saved model's directory or a Hugging Face Hub id (owner/name), passed to from_pretrained")
     source.add_argument("--preset", choices=tuple(presets), metavar="NAME",
-                        help="a random-weight model built offline, no download: "
-                             + "; ".join(f"'{name}': {text}" for name, text in presets.items()))
+                        help=f"a random-weight model built offline, no download: {', '.join(presets)} "
+                             "(see 'presets' below)")
+    width = max(len(name) for name in presets)
+    listed = [textwrap.fill(text, 96, initial_indent=f"  {name.ljust(width)}  ", subsequent_indent=" " * (width + 4))
+              for name, text in presets.items()]
+    parser.epilog = (parser.epilog or "") + "\n\npresets (random weights, built offline):\n" + "\n".join(listed)
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="weights dtype (default: auto: the checkpoint's own; presets: float32 on cpu, "
                              "bfloat16 on cuda)")
@@ -228,8 +242,8 @@ def check_output_file(path: Path | None, flag: str) -> None:
     if path.is_dir():
         raise CommandError(f"{flag} {str(path)!r} is a directory; give a file name inside it")
     if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise CommandError(f"{flag} {str(path)!r}: the directory {str(parent)!r} {what}")
+        what = f"{str(parent)!r} is not a directory" if parent.exists() else f"the directory {str(parent)!r} does not exist"
+        raise CommandError(f"{flag} {str(path)!r}: {what}")
     writable = os.access(path, os.W_OK) if path.exists() else os.access(parent, os.W_OK | os.X_OK)
     if not writable:
         raise CommandError(f"{flag} {str(path)!r}: permission denied")

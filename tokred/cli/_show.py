@@ -53,7 +53,9 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT",
                    help=f"the question; attention-guided methods depend on it (default: {DEMO_PROMPT!r})")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="the PNG file to write")
-    p.add_argument("--json", action="store_true", help="print the kept indices and the panels as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the figure's panels (image, tile, label, stage, box, grid) and the grid cells "
+                        "each kept, as JSON")
     p.set_defaults(handler=handle)
 
 
