@@ -7,9 +7,10 @@ Selectors see one image at a time (:class:`VisualTokens`); gates see one sample 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ImageLayout", "VisualTokens", "Selection", "GateState", "AttentionRole"]
 
@@ -45,6 +46,8 @@ class ImageLayout:
         ``leading_extra`` tokens that precede the grid (a vision [CLS] token kept as a visual token)
         are marked in :attr:`extra` and placed at row/col -1.
         """
+        import torch
+
         n = rows * cols
         idx = torch.arange(n)
         row = torch.cat([torch.full((leading_extra,), -1), idx // cols])
@@ -70,6 +73,8 @@ class ImageLayout:
     def tile_view(self, tile: int) -> tuple[torch.Tensor, ImageLayout]:
         """The tokens of one tile: their indices ``[n]`` into this layout and the layout of that
         tile seen as an image of its own (one tile, which is its own whole view)."""
+        import torch
+
         index = torch.nonzero(self.tile == tile).flatten()
         return index, ImageLayout(
             tile=torch.zeros(index.numel(), dtype=torch.long),
@@ -82,6 +87,8 @@ class ImageLayout:
 
     def thumbnail_mask(self) -> torch.Tensor:
         """``[N]`` bool: the tokens of the global view (all tokens when untiled)."""
+        import torch
+
         if self.thumbnail_tile is None:
             return torch.ones(self.num_tokens, dtype=torch.bool)
         return self.tile == self.thumbnail_tile

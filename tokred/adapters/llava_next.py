@@ -39,10 +39,7 @@ one answer, tokred raises instead of guessing.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal, Mapping
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from .. import compat
 from ..compat import Keyword
@@ -50,6 +47,10 @@ from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
 from .base import ImageSpan, VisionProbes, split_image_tokens
 from .llava import LlavaAdapter
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = ["LlavaNextAdapter", "anyres_layout"]
 
@@ -72,6 +73,8 @@ def anyres_layout(tiles_high: int, tiles_wide: int, side: int, image_size: tuple
         ``(layout, probe_cells)``: the layout (``extra`` marks newline tokens) and ``[N]`` long,
         each token's cell in the image's encoder rows (``row * s * s + cell``; -1 for newlines).
     """
+    import torch
+
     unpad_image = compat.modeling_function("llava_next.modeling_llava_next", "unpad_image")
 
     height, width = tiles_high * side, tiles_wide * side
@@ -202,6 +205,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return result
 
     def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        import torch
+
         if not bool((input_ids == self.image_token_id()).any()):
             return []
         layouts = self._layouts(inputs)
