@@ -30,9 +30,10 @@ presets, images, methods, output paths).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import _bench, _demo, _doctor, _list, _run, _show
 from ._common import CommandError, Parser
@@ -107,12 +108,24 @@ def build_parser() -> Parser:
             "Run 'tokred COMMAND --help' for the options of a command."
         ),
     )
-    parser.add_argument("--version", action="version", version=_version_text(),
-                        help="print the versions of tokred, torch and transformers, and exit")
+    parser.add_argument("--version", action=_Version, help="print the versions of tokred, torch and transformers, and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
         command.add_parser(commands)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: like argparse's, but the text is read only when asked for (package metadata
+    and :mod:`tokred.compat` are not needed for anything else at start-up)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        sys.stdout.write(_version_text() + "\n")
+        parser.exit()
 
 
 def _version_text() -> str:
