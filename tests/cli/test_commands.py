@@ -115,3 +115,54 @@ def test_tile_grid_refuses_to_guess_a_tie() -> None:
     assert tile_grid(2, (500, 500)) is None
     assert tile_grid(1, (500, 300)) is None
     assert tile_grid(6, (300, 200)) == (2, 3)
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+@pytest.fixture
+def task_file(tmp_path: Path) -> Path:
+    """A three-item task: an open question, a yes/no choice, a two-image choice."""
+    make_image().save(tmp_path / "a.png")
+    make_image(seed=1).save(tmp_path / "b.png")
+    items = [
+        {"id": "q1", "image": "a.png", "question": "What is shown? Answer with one word.", "answer": "shapes"},
+        {"id": "q2", "image": "b.png", "question": "Is it red?", "choices": ["yes", "no"], "answer": "yes"},
+        {"id": "q3", "image": ["a.png", "b.png"], "question": "Which is darker?", "choices": ["first", "second"],
+         "answer": "first"},
+    ]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def test_eval_reports_every_method_at_every_budget_and_resumes(task_file: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               registry: tokred.Registry) -> None:
+    predictions = tmp_path / "predictions.jsonl"
+    argv = ["eval", "--preset", "tiny", "--task", str(task_file), "--methods", "random,fastv", "--keep", "16,64",
+            "--timing-rounds", "0", "--output", str(predictions), "--json"]
+    assert main(argv, registry=registry) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == "tokred.eval/1" and data["items"] == 3
+    assert [r["label"] for r in data["results"]] == ["unreduced", "random (keep=16)", "random (keep=64)",
+                                                     "fastv (keep=16)", "fastv (keep=64)"]
+    assert all(r["n"] == 3 and r["error"] is None for r in data["results"])
+    lines = predictions.read_text().splitlines()
+    assert len(lines) == 5 * 3
+
+    assert main(argv[:-1], registry=registry) == 0  # the same file again: nothing is recomputed
+    captured = capsys.readouterr()
+    assert len(predictions.read_text().splitlines()) == 5 * 3
+    header = next(line for line in captured.out.splitlines() if line.startswith("setting"))
+    assert header.split()[:3] == ["setting", "accuracy", "retention"]
+    assert "[15/15]" in captured.err
+
+
+def test_eval_refuses_a_bad_task_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        registry: tokred.Registry) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What?", "answr": "x"}\n')
+    assert main(["eval", "--preset", "tiny", "--task", str(bad), "--methods", "random"], registry=registry) == 2
+    err = capsys.readouterr().err
+    assert f"tokred: error: {bad}:1: unknown keys ['answr']" in err and "building preset" not in err

@@ -37,7 +37,7 @@ def test_a_misspelled_flag_with_its_value_after_an_equals_sign(capsys: pytest.Ca
 def test_a_flag_of_another_command_says_which_commands_take_it(capsys: pytest.CaptureFixture[str]) -> None:
     err = _error(capsys, ["list", "--keep", "5"])
     assert "usage: tokred list" in err
-    assert "--keep is an option of 'tokred bench', 'tokred run', 'tokred show'" in err
+    assert "--keep is an option of 'tokred bench', 'tokred eval', 'tokred run', 'tokred show'" in err
 
 
 def test_a_misspelled_command_suggests_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,7 +178,7 @@ def test_every_command_has_help_with_examples(command: str, expected: str, capsy
 def test_top_level_help_lists_the_commands_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("list", "run", "demo", "bench", "show", "doctor"):
+    for command in ("list", "run", "demo", "bench", "eval", "show", "doctor"):
         assert f"    {command}" in out
     assert "tokred run --preset tiny" in out
 

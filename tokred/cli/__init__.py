@@ -1,4 +1,4 @@
-"""The ``tokred`` command line: ``tokred list``, ``run``, ``demo``, ``bench``, ``show`` and ``doctor``.
+"""The ``tokred`` command line: ``tokred list``, ``run``, ``demo``, ``bench``, ``eval``, ``show`` and ``doctor``.
 
 * ``list`` shows every registered method, adapter, selector and gate with the plugin and
   distribution that provided it, and the plugins that failed to load.
@@ -10,6 +10,8 @@
 * ``bench`` measures methods and budgets on a model or a random-weight size preset: speed-up over
   the unreduced model and overhead over the ideal, FLOPs, KV-cache bytes, peak memory
   (:mod:`tokred.bench`); ``bench --scaling`` times Selectors alone against ``N`` and ``k``.
+* ``eval`` answers a task's items with every method at every budget and reports accuracy,
+  retention and agreement next to the prefill speed-up (:mod:`tokred.eval`).
 * ``show`` draws the image with the visual tokens a method kept (:mod:`tokred.show`).
 * ``doctor`` checks the installation: versions, the transformers internals tokred depends on
   (:mod:`tokred.compat`), the plugins.
@@ -22,7 +24,7 @@ name the closest valid flag, command or choice.
 Building the parser imports neither torch nor transformers (each command imports what it needs
 when it runs), so ``tokred --help`` and ``tokred COMMAND --help`` answer at once.
 
-One module per command (``_list``, ``_run``, ``_demo``, ``_bench``, ``_show``, ``_doctor``, each
+One module per command (``_list``, ``_run``, ``_demo``, ``_bench``, ``_eval``, ``_show``, ``_doctor``, each
 with ``add_parser(commands)`` and ``handle(args, registry, output)``), plus ``_common`` (the
 parser class, argument types), ``_output`` (tables, progress, JSON) and ``_loading`` (models,
 presets, images, methods, output paths).
@@ -35,7 +37,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import _bench, _demo, _doctor, _list, _run, _show
+from . import _bench, _demo, _doctor, _eval, _list, _run, _show
 from ._common import CommandError, Parser
 from ._output import Output
 
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "build_parser", "CommandError"]
 
-_COMMANDS = (_list, _run, _demo, _bench, _show, _doctor)
+_COMMANDS = (_list, _run, _demo, _bench, _eval, _show, _doctor)
 
 
 def main(argv: Sequence[str] | None = None, *, registry: Registry | None = None) -> int:
@@ -57,8 +59,8 @@ def main(argv: Sequence[str] | None = None, *, registry: Registry | None = None)
 
     Returns:
         0 on success; 2 for usage errors and for errors the user can fix (unknown method or option,
-        impossible budget, unreadable input, a model that cannot be loaded); 1 when ``demo`` or
-        ``bench`` had a method fail, or ``doctor`` found a problem; 130 when interrupted.
+        impossible budget, unreadable input, a model that cannot be loaded); 1 when ``demo``,
+        ``bench`` or ``eval`` had a method fail, or ``doctor`` found a problem; 130 when interrupted.
     """
     from ..errors import TokredError
 

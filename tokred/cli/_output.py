@@ -199,6 +199,22 @@ class Progress:
         self.output.stderr.write(line + "\n")
         self.output.stderr.flush()
 
+    def update(self, done: int, total: int, label: str) -> None:
+        """``done`` of ``total`` steps are complete, the last being ``label`` (for work that reports
+        what it finished rather than what it starts, as :func:`tokred.eval.evaluate` does)."""
+        self.total = total
+        if self.live is not None:
+            self.live.update(self._task, completed=done, total=total, description=label)
+            self.done = done
+            return
+        self.done = done
+        line = f"[{done}/{total}] {label}"
+        if 0 < done < total:
+            elapsed = time.perf_counter() - self.started
+            line += f", about {duration(elapsed / done * (total - done))} left"
+        self.output.stderr.write(line + "\n")
+        self.output.stderr.flush()
+
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         if self.live is not None:
