@@ -26,3 +26,13 @@ def saved_llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     processor.save_pretrained(root / "model")
     make_image().save(root / "image.png")
     return root / "model", root / "image.png"
+
+
+@pytest.fixture(autouse=True)
+def _own_random_state():  # noqa: ANN202
+    """Each command-line test runs on a fork of torch's global random state and leaves it as it
+    found it: building models draws from it, and later tests of unseeded methods depend on it."""
+    import torch
+
+    with torch.random.fork_rng():
+        yield
