@@ -591,8 +591,9 @@ def test_wrong_option_type_is_an_options_error() -> None:
 
 
 def test_unknown_method_lists_the_registered_ones() -> None:
-    with pytest.raises(OptionsError, match="fastv, random"):
+    with pytest.raises(OptionsError, match="registered: ") as caught:
         tokred.create("no-such-method")
+    assert ", ".join(tokred.list_methods()) in str(caught.value)
 
 
 def test_methods_and_components_options_are_all_described() -> None:
