@@ -48,7 +48,7 @@ def test_list_shows_builtin_methods_with_their_provider_and_the_llava_adapter(
     out = capsys.readouterr().out
     methods = _section(out, "methods")
     for name in ("random", "fastv"):
-        assert "tokred-baselines (tokred)" in _row(methods, name)
+        assert "tokred-methods (tokred)" in _row(methods, name)
     assert "FastV" in _row(methods, "fastv")
     assert "LlavaForConditionalGeneration" in _row(_section(out, "adapters"), "llava")
     assert "alias: fastv" in _row(_section(out, "gates"), "last_token_attention")
@@ -60,7 +60,7 @@ def test_list_json_parses_and_names_distributions_and_options(capsys: pytest.Cap
     data = json.loads(capsys.readouterr().out)
     methods = {m["name"]: m for m in data["methods"]}
     assert methods["random"]["distribution"] == "tokred"
-    assert methods["fastv"]["plugin"] == "tokred-baselines"
+    assert methods["fastv"]["plugin"] == "tokred-methods"
     assert {"keep", "keep_ratio", "layer"} <= set(methods["fastv"]["options"])
     assert "llava" in [a["name"] for a in data["adapters"]]
     assert data["plugin_errors"] == []
@@ -143,11 +143,12 @@ def test_run_unknown_option_fails_before_loading_and_names_the_valid_options(
     missing = tmp_path / "no-such-model"
     assert main(_run_args(missing, tmp_path / "no.png", "--method", "random", "--option", "bogus=1")) == 2
     captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.startswith("tokred: error:") and "\n" not in err
-    assert "'bogus'" in err
-    assert all(option in err for option in ("keep", "keep_ratio", "seed"))
-    assert "loading" not in err and str(missing) not in err
+    first, *details = captured.err.strip().splitlines()
+    # One error line, then the valid options one per line (with their defaults).
+    assert first == "tokred: error: unknown option 'bogus' for method 'random'"
+    listed = {line.split()[0] for line in details[1:]}
+    assert listed == {"keep", "keep_ratio", "spread", "seed"}
+    assert "loading" not in captured.err and str(missing) not in captured.err
     assert captured.out == ""
 
 
@@ -188,7 +189,7 @@ def test_option_values_are_json_when_they_parse_and_strings_otherwise() -> None:
 
 
 @pytest.mark.parametrize(("command", "expected"), [
-    ("list", "--pattern"), ("run", "--keep-ratio"), ("demo", "--repeats"),
+    ("list", "--pattern"), ("run", "--keep-ratio"), ("demo", "--repeats"), ("doctor", "--json"),
 ])
 def test_every_command_has_help(command: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "--help"]) == 0
@@ -289,3 +290,41 @@ def test_the_cli_starts_without_importing_transformers() -> None:
     code = "import sys; from tokred.cli import build_parser; build_parser(); print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------ doctor
+
+
+def test_version_names_tokred_torch_and_transformers_with_the_tested_range(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred import compat
+
+    assert main(["--version"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"tokred {tokred.__version__}"
+    assert lines[1] == f"torch {compat.torch_version()}"
+    low, high = compat.TESTED_TRANSFORMERS
+    assert lines[2] == f"transformers {compat.transformers_version()} (within the tested range {low} to {high})"
+
+
+def test_doctor_checks_every_transformers_requirement_and_the_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred import compat
+
+    assert main(["doctor", "--json"], registry=_installed_registry()) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["transformers"] == compat.transformers_version() and report["transformers_in_tested_range"]
+    assert [c["name"] for c in report["transformers_names"]] == [r.name for r in compat.REQUIREMENTS]
+    assert all(c["ok"] for c in report["transformers_names"])
+    assert {"tokred-adapters", "tokred-methods", "todre", "star"} <= set(report["plugins"])
+    assert main(["doctor"], registry=_installed_registry()) == 0
+    out = capsys.readouterr().out
+    assert f"({len(compat.REQUIREMENTS)} of {len(compat.REQUIREMENTS)} found)" in out and "MISSING" not in out
+
+
+def test_doctor_fails_and_names_a_missing_requirement(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred import compat
+
+    renamed = compat.Requirement("the cache keyword kv_state", lambda: "LlamaModel.forward takes none of ['kv_state']")
+    monkeypatch.setattr(compat, "REQUIREMENTS", (*compat.REQUIREMENTS, renamed))
+    assert main(["doctor"], registry=_installed_registry()) == 1
+    assert "MISSING  the cache keyword kv_state: LlamaModel.forward takes none of ['kv_state']" in capsys.readouterr().out

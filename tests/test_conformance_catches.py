@@ -139,6 +139,11 @@ def test_unseeded_selector_is_caught_by_determinism(registry: tokred.Registry) -
         check_method("broken_unseeded", registry=registry, checks=["determinism_and_cleanup"], **FAST)
 
 
+def test_unseeded_selector_is_caught_by_cache_free_generation(registry: tokred.Registry) -> None:
+    with pytest.raises(ConformanceError, match=r"^\[cache_free_generation\].*a fresh run on the same prefix predicts"):
+        check_method("broken_unseeded", registry=registry, checks=["cache_free_generation"], **FAST)
+
+
 def test_drifting_features_are_caught_by_determinism(registry: tokred.Registry) -> None:
     # The kept indices agree between runs; only the logits show the drift (the suite compared
     # indices alone before this test was written).
@@ -199,7 +204,8 @@ _XFAIL_REGISTRY = tokred.Registry(entry_points=list(importlib.metadata.entry_poi
 @parametrize_with_checks(
     ["broken_unseeded"], **FAST, registry=_XFAIL_REGISTRY,
     xfail={("broken_unseeded", "determinism_and_cleanup"): "draws without a seed",
-           "batch_invariance": "a fresh draw per prompt differs between batch and alone"},
+           "batch_invariance": "a fresh draw per prompt differs between batch and alone",
+           "cache_free_generation": "every cache-free step draws anew, unlike a fresh run on its prefix"},
 )
 def test_parametrize_with_checks_marks_known_failures(case: Case, check: Any) -> None:
     check(case)

@@ -18,6 +18,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokred
+from tokred import compat
 from tokred import Budget, GateStage, RuntimeStateError, Schedule, ScheduleError, SelectorStage, VisualTokens
 from tokred.methods import LastTokenAttentionGate, RandomSelector
 from tokred.testing import make_image, tiny_inputs, tiny_model
@@ -263,9 +264,9 @@ def test_decoding_positions_after_pruning_equal_the_unpruned_models(qwen: tuple[
     def manual() -> list[torch.Tensor]:
         """Prefill, then three steps that pass neither position ids nor a mask."""
         with _Capture(model) as seen, torch.no_grad():
-            cache = model(**inputs, use_cache=True).past_key_values
+            cache = compat.output_cache(model(**inputs, use_cache=True))
             for step in range(3):
-                model(input_ids=tokens[:, step:step + 1], past_key_values=cache)
+                model(input_ids=tokens[:, step:step + 1], **{compat.cache_keyword(): cache})
         return [c["position_ids"] for c in seen.calls[1:]]
 
     unpruned_manual = manual()
@@ -294,10 +295,10 @@ def test_manual_decoding_with_a_mask_continues_where_generate_does(qwen: tuple[s
 
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-            mask, cache, tokens = inputs["attention_mask"], out.past_key_values, [greedy(out.logits)]
+            mask, cache, tokens = inputs["attention_mask"], compat.output_cache(out), [greedy(out.logits)]
             for _ in range(5):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = model(input_ids=tokens[-1][:, None], attention_mask=mask, past_key_values=cache)
+                out = model(input_ids=tokens[-1][:, None], attention_mask=mask, **{compat.cache_keyword(): cache})
                 tokens.append(greedy(out.logits))
     assert torch.equal(torch.stack(tokens, dim=1), expected)
     for got, want in zip([c["position_ids"] for c in seen.calls[1:]], reference_positions):
@@ -316,9 +317,9 @@ def test_explicit_generate_style_positions_continue_a_forward_prefill(qwen: tupl
         following = out.logits[:, -1:].argmax(-1)
         rope = length + model.model.rope_deltas                                   # [1, 1]
         positions = torch.stack([torch.full_like(rope, length), rope, rope, rope])  # [4, 1, 1]
-        model(input_ids=following, position_ids=positions, past_key_values=out.past_key_values)
+        model(input_ids=following, position_ids=positions, **{compat.cache_keyword(): compat.output_cache(out)})
         with pytest.raises(RuntimeStateError, match="Continuing a conversation"):
-            model(input_ids=following, position_ids=positions + 2, past_key_values=out.past_key_values)
+            model(input_ids=following, position_ids=positions + 2, **{compat.cache_keyword(): compat.output_cache(out)})
 
 
 def test_adjacent_images_are_told_apart_by_their_token_counts(qwen: tuple[str, Any, Any]) -> None:
@@ -376,7 +377,7 @@ def test_continuing_a_pruned_cache_through_generate_fails_clearly(qwen: tuple[st
         follow_up = torch.cat([first.sequences, follow], dim=1)
         for mask in (torch.ones_like(follow_up), None):   # generate drops an all-ones mask: both paths
             with pytest.raises(RuntimeStateError, match="Continuing a conversation on a cache"):
-                model.generate(input_ids=follow_up, attention_mask=mask, past_key_values=first.past_key_values,
+                model.generate(input_ids=follow_up, attention_mask=mask, **{compat.cache_keyword(): compat.output_cache(first)},
                                max_new_tokens=2)
 
 

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import tokred
+from tokred import compat
 from tokred import Budget, GateStage, RuntimeStateError, Schedule, SelectorStage, UnsupportedModelError
 from tokred.methods import LastTokenAttentionGate, RandomSelector
 from tokred.testing import tiny_inputs, tiny_model
@@ -316,17 +317,17 @@ def test_continuing_a_pruned_cache_through_generate_fails_clearly(llava_sdpa) ->
                                                                          add_special_tokens=False).input_ids], dim=1)
             with pytest.raises(RuntimeStateError, match="Continuing a conversation on a cache"):
                 model.generate(input_ids=follow_up, attention_mask=torch.ones_like(follow_up),
-                               past_key_values=first.past_key_values, max_new_tokens=2)
+                               **{compat.cache_keyword(): compat.output_cache(first)}, max_new_tokens=2)
 
 
 def test_foreign_cache_is_refused(llava_sdpa) -> None:
     model, processor = llava_sdpa
     inputs = tiny_inputs(processor, [PROMPT])
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = compat.output_cache(model(**inputs, use_cache=True))
     with tokred.apply(model, SCHEDULES["selector"]):
         with pytest.raises(RuntimeStateError, match="not filled by the active tokred run"):
-            model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache)
+            model(input_ids=inputs["input_ids"][:, -1:], **{compat.cache_keyword(): cache})
 
 
 def test_report_summary_and_dict(llava_sdpa) -> None:
@@ -345,7 +346,7 @@ def test_report_summary_and_dict(llava_sdpa) -> None:
 def test_attention_slices_are_the_same_in_query_blocks() -> None:
     """Blocking over queries bounds memory; probabilities agree to float rounding (the matmul
     kernels differ with the block size)."""
-    from tokred.runtime._run import _attention_slice
+    from tokred.runtime._gating import attention_slice as _attention_slice
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 50, 8, generator=generator)                   # [B, H, L, d]

@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "RuntimeStateError",
     "MethodContractError",
+    "TransformersInterfaceError",
 ]
 
 
@@ -54,3 +55,9 @@ class RuntimeStateError(TokredError, RuntimeError):
 class MethodContractError(TokredError, RuntimeError):
     """A selector or gate returned something that breaks its contract (duplicate or out-of-range
     indices, more tokens than its budget); the message names the component."""
+
+
+class TransformersInterfaceError(TokredError, RuntimeError):
+    """``transformers`` called tokred's hooks in a way it does not recognise (a renamed keyword, a
+    cache it cannot read, a call it cannot classify as prefill or decoding step). The message names
+    the installed ``transformers`` release and what tokred expected (see :mod:`tokred.compat`)."""

@@ -12,11 +12,27 @@ core owns uniqueness of names, aliases and error reporting::
 
     register(name: str, obj: type, *, aliases: Sequence[str] = ())
 
-Names are lowercase (letters, digits, ``_``, ``-``, ``.``), unique across all plugins; a clash is
-reported naming both plugins, and the later registration is dropped. A plugin that fails to import,
-or whose hook raises, is reported by name (``tokred list`` shows it, ``Registry.errors`` holds it);
-what other plugins registered keeps working. Hooks run in the order adapters, selectors, gates,
-methods, so a method may refer to selectors and gates registered by any plugin.
+What the core checks, and reports by plugin, distribution and hook (``tokred list`` shows it,
+``Registry.errors`` holds it) while what other plugins registered keeps working:
+
+* **each registration on its own.** Names are lowercase (letters, digits, ``_``, ``-``, ``.``);
+  ``obj`` subclasses the hook's base class; a selector's, gate's or method's options form a
+  pydantic model with ``extra="forbid"`` whose every field has a ``description`` and a default,
+  and a method can be created with those defaults. A registration that fails a check is refused;
+  the hook's other registrations stand. A hook that raises keeps what it registered before.
+* **names, once every plugin has registered** (so never in load order), per kind and aliases
+  included: a name claimed once belongs to its claimant; a name claimed by a distribution of this
+  repository (``tokred.registry.FIRST_PARTY_DISTRIBUTIONS``) belongs to it; a name several third
+  parties claim belongs to none of them until ``tokred.Registry(prefer={"<kind>:<name>": "<dist>"})``
+  picks one, or all but one are uninstalled. Losing the primary name loses the whole registration;
+  losing an alias loses only the alias. Prefix your names with your plugin's name.
+* **the hooks themselves**: a function marked ``@tokred.hookimpl`` whose name is no hook below (a
+  misspelling such as ``tokred_register_method``), and a function named like a hook but not marked,
+  are reported with the hook names; pluggy would silently never call them. Mark a hook of some other
+  interface ``@tokred.hookimpl(optionalhook=True)``. A plugin that registers nothing is reported too.
+
+Hooks run in the order adapters, selectors, gates, methods. A hook must not query the registry
+(it is still loading: that is an error), and ``register`` works only during its hook call.
 """
 
 from __future__ import annotations

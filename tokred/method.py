@@ -7,13 +7,16 @@ A method is a small pydantic model: its fields are the user-facing options (vali
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .options import Integer, Number
 from .budget import Budget
 from .errors import BudgetError
-from .schedule import Schedule
+
+if TYPE_CHECKING:  # a method builds a Schedule; importing it here would close a circle through the registry
+    from .schedule import Schedule
 
 __all__ = ["Method", "BudgetOptions"]
 
@@ -60,8 +63,8 @@ class BudgetOptions(BaseModel):
 
     default_keep_ratio: ClassVar[float] = 0.25
 
-    keep: int | None = Field(None, description="Visual tokens to keep per image (absolute). Excludes keep_ratio.")
-    keep_ratio: float | None = Field(
+    keep: Integer | None = Field(None, description="Visual tokens to keep per image (absolute). Excludes keep_ratio.")
+    keep_ratio: Number | None = Field(
         None, description="Fraction of each image's visual tokens to keep, in (0, 1]. Excludes keep."
     )
     spread: Literal["image", "tiles"] = Field(

@@ -6,7 +6,9 @@ fractions such as ``"7/8"`` that are resolved per model (``floor(7/8 * num_layer
 
 A gate at layer ``l`` decides from the attention computed in layer ``l - 1`` and its survivors are
 all that layers ``l, l+1, ...`` see (FastV's convention: Chen et al. 2024, section 4). So layer 0
-cannot hold a gate; reduction before the first layer is a Selector's job.
+cannot hold a gate; reduction before the first layer is a Selector's job. A gate may instead read
+layer ``l``'s own attention on its input (``Gate.attention_layer = "own"``, PyramidDrop's score),
+which the runtime computes with one extra call of that layer's attention module.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .options import LayerSpec
 from .budget import Budget
 from .components import Gate, Selector
 from .errors import BudgetError, ScheduleError
@@ -65,7 +68,7 @@ class GateStage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layer: int | str = Field(description="Decoder layer (int, negative from the end) or depth fraction such as '7/8'.")
+    layer: LayerSpec = Field(description="Decoder layer (int, negative from the end) or depth fraction such as '7/8'.")
     gate: Gate = Field(description="The Gate that decides which visual tokens stay.")
     budget: Budget | None = Field(None, description="Visual tokens kept per image; None for gates that decide alone.")
 

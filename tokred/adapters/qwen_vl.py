@@ -33,13 +33,16 @@ them say so).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
-
+from .. import compat
+from ..compat import Keyword
 from ..errors import RuntimeStateError, ScheduleError
 from ..tokens import ImageLayout
 from .base import Adapter, ImageSpan, VisionProbes, split_image_tokens
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "merged_layout"]
 
@@ -63,9 +66,11 @@ class QwenVLAdapter(Adapter):
         return int(self.model.config.vision_config.spatial_merge_size)  # type: ignore[union-attr]
 
     def available_inputs(self) -> frozenset[str]:
-        """None: Qwen's vision towers have no [CLS] token, so there is no [CLS] attention, and
-        pre-projector features are not captured (the 2x2 merger sees four patches per token, in
-        window order on Qwen2.5-VL). Selectors get ``None`` for both and fall back as they document."""
+        """None: Qwen's vision towers have no [CLS] token, so there is no [CLS] attention (nor the
+        vision keys of a [CLS]-attention layer), and pre-projector features are not captured (the
+        2x2 merger sees four patches per token, in window order on Qwen2.5-VL), so there is no
+        projector of single tokens either. Selectors get ``None`` for these and fall back as they
+        document, or refuse the model through :meth:`~tokred.Selector.required_inputs`."""
         return frozenset()
 
     # ------------------------------------------------------------------ images
@@ -78,7 +83,7 @@ class QwenVLAdapter(Adapter):
         ``image_grid_thw`` from the model's inputs; :meth:`image_spans` then reads each image's grid
         from its M-RoPE position ids instead.
         """
-        grid = inputs.get("image_grid_thw")
+        grid = inputs.get(Keyword.IMAGE_GRID_THW)
         if grid is None:
             return None
         m = self._merge()
@@ -91,7 +96,7 @@ class QwenVLAdapter(Adapter):
         grids = self.image_grids(inputs)
         if grids is not None:
             return [t * h * w for t, h, w in grids]
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_IMAGE)
         features = getattr(encoded, "pooler_output", None)
         if isinstance(features, (tuple, list)):
             return [int(f.shape[0]) for f in features]
@@ -108,7 +113,8 @@ class QwenVLAdapter(Adapter):
         """
         # The call's video *inputs* decide, not video token ids: a generated <|video_pad|> fed back
         # without video features is plain text to the model, and to tokred.
-        if inputs.get("pixel_values_videos") is not None or (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
+        if (inputs.get(Keyword.PIXEL_VALUES_VIDEOS) is not None
+                or (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_VIDEO) is not None):
             raise RuntimeStateError(
                 f"{type(self.model).__name__}: video inputs are not supported by tokred yet (only images); "
                 "run videos without tokred.apply"
@@ -122,7 +128,7 @@ class QwenVLAdapter(Adapter):
             if grids is not None:
                 t, h, w = grids[encoder_index]
             else:
-                t, h, w = self._grid_from_positions(inputs.get("position_ids"), row, positions)
+                t, h, w = self._grid_from_positions(inputs.get(Keyword.POSITION_IDS), row, positions)
             if t * h * w != positions.numel():
                 raise RuntimeStateError(
                     f"image {encoder_index} has {positions.numel()} tokens but a {t}x{h}x{w} merged grid"
@@ -165,13 +171,19 @@ class QwenVLAdapter(Adapter):
         Measured on 5.23: the unmodified model takes the mask's cumsum over *all* columns and then
         fails on the shape mismatch; the last ``num_new`` columns are what it means to compute.
         """
+        import torch
+
         if attention_mask is not None:
             counted = attention_mask.long().cumsum(-1) - 1
             steps = counted[:, -num_new:].masked_fill(attention_mask[:, -num_new:] == 0, 0).to(device)   # [B, n]
         else:
             steps = (torch.arange(num_new, device=device) + logical_length)[None].expand(batch, -1)
-        deltas = getattr(self.multimodal_model(), "rope_deltas", None)
-        if deltas is None:
+        model = self.multimodal_model()
+        if not hasattr(model, compat.ROPE_DELTAS):  # a rename would otherwise decode at shifted positions
+            raise compat.interface_error(f"{type(model).__name__}.{compat.ROPE_DELTAS} (M-RoPE offsets of the latest prefill)",
+                                         "the model has no such attribute")
+        deltas = getattr(model, compat.ROPE_DELTAS)
+        if deltas is None:  # no prefill with images yet: text positions advance all axes alike
             deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
         deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)   # [B, 1]
         return (steps + deltas)[None].expand(3, batch, num_new)
@@ -218,16 +230,16 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
 
     def reduce_language_model_kwargs(self, kwargs: dict[str, Any], origin: torch.Tensor) -> dict[str, Any]:
-        mask = kwargs.get("visual_pos_masks")
-        embeds = kwargs.get("deepstack_visual_embeds")
+        mask = kwargs.get(Keyword.VISUAL_POS_MASKS)
+        embeds = kwargs.get(Keyword.DEEPSTACK_VISUAL_EMBEDS)
         if mask is None or embeds is None:
             return {}
         new_mask, rows = _reduce_visual_mask(mask, origin)
-        return {"visual_pos_masks": new_mask, "deepstack_visual_embeds": [e[rows.to(e.device)] for e in embeds]}
+        return {Keyword.VISUAL_POS_MASKS: new_mask, Keyword.DEEPSTACK_VISUAL_EMBEDS: [e[rows.to(e.device)] for e in embeds]}
 
     def follow_reduction(self, held: dict[str, Any], local: torch.Tensor) -> None:
-        mask = held.get("visual_pos_masks")
-        embeds = held.get("deepstack_visual_embeds")
+        mask = held.get(Keyword.VISUAL_POS_MASKS)
+        embeds = held.get(Keyword.DEEPSTACK_VISUAL_EMBEDS)
         if mask is None or embeds is None:
             return
         new_mask, rows = _reduce_visual_mask(mask, local)
@@ -243,6 +255,8 @@ def _reduce_visual_mask(mask: torch.Tensor, index: torch.Tensor) -> tuple[torch.
     Returns the new mask ``[B, L']`` and ``rows`` ``[V']``: for each ``True`` of the new mask in
     row-major order, the row of the old mask's row-major ``True`` list it came from (how per-visual
     tensors such as deepstack features are gathered alike)."""
+    import torch
+
     index = index.to(mask.device)
     valid = index >= 0
     safe = index.clamp(min=0)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from .. import compat
 from ..method import Method
 from ..registry import Registry
 from ..runtime import RunReport, apply
@@ -177,7 +178,7 @@ class Bench:
         m = self.measured[c.label]
         if c.method is None:
             self._generate()
-            m.kv_measured = cache_bytes(self._prefill().past_key_values)
+            m.kv_measured = cache_bytes(compat.output_cache(self._prefill()))
             return
         try:
             with apply(self.model, c.method, registry=self.registry) as run:
@@ -187,7 +188,7 @@ class Bench:
             c.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             return
         m.report = run.report
-        m.kv_measured = cache_bytes(output.past_key_values)
+        m.kv_measured = cache_bytes(compat.output_cache(output))
         if not c.stage1_only:
             m.ideal_note = "has gates: no plain model call expresses tokens leaving inside the decoder"
             return
@@ -316,7 +317,7 @@ class Bench:
                 "num_layers": num_layers,
                 "language_model_parameters": sum(p.numel() for p in self.adapter.language_model().parameters()),
                 "dtype": str(kv_dtype).removeprefix("torch."),
-                "attn_implementation": getattr(text_config, "_attn_implementation", None),
+                "attn_implementation": getattr(text_config, compat.ATTENTION_IMPLEMENTATION, None),
                 "device": str(self.device),
             },
             "settings": {

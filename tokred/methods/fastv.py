@@ -7,13 +7,18 @@ default is ``K = 2`` and dropping ``R = 50%`` of the image tokens (``keep_ratio=
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
+from ..options import LayerSpec
 from ..components import Gate
 from ..method import BudgetOptions, Method
 from ..schedule import GateStage, Schedule
 from ..tokens import GateState
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LastTokenAttentionGate", "FastVMethod"]
 
@@ -34,7 +39,7 @@ class FastVMethod(BudgetOptions, Method):
 
     default_keep_ratio = 0.5
 
-    layer: int | str = Field(2, description="Decoder layer K from which only the kept tokens remain (int or depth fraction like '1/4').")
+    layer: LayerSpec = Field(2, description="Decoder layer K from which only the kept tokens remain (int or depth fraction like '1/4').")
 
     def schedule(self) -> Schedule:
         return Schedule(gates=(GateStage(layer=self.layer, gate=LastTokenAttentionGate(), budget=self.budget),))

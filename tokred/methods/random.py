@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
+from ..options import Integer
 from ..components import Selector
 from ..method import BudgetOptions, Method
 from ..schedule import Schedule, SelectorStage
 from ..tokens import VisualTokens
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["RandomSelector", "RandomMethod"]
 
@@ -21,9 +26,11 @@ class RandomSelector(Selector):
     matter more here than independent draws per image).
     """
 
-    seed: int = Field(0, description="Seed of the random draw.")
+    seed: Integer = Field(0, description="Seed of the random draw.")
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
+        import torch
+
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(tokens.num_tokens, generator=generator)[:k]
 
@@ -33,7 +40,7 @@ class RandomMethod(BudgetOptions, Method):
 
     default_keep_ratio = 0.25
 
-    seed: int = Field(0, description="Seed of the random draw.")
+    seed: Integer = Field(0, description="Seed of the random draw.")
 
     def schedule(self) -> Schedule:
         return Schedule(selector=SelectorStage(selector=RandomSelector(seed=self.seed), budget=self.budget))

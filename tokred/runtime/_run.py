@@ -1,45 +1,49 @@
 """Applying a Schedule to a model: the scoped, reversible run.
 
 ``tokred.apply(model, method)`` returns a :class:`Run`; entering it installs forward (pre-)hooks on
-the multimodal model, its language model and each decoder layer (plus attention observers where a
-gate or selector needs attention), and leaving it removes every one of them, also on exceptions.
+the top-level model, the multimodal model, its language model and each decoder layer (plus
+attention observers where a gate or selector needs attention), and leaving it removes every one of
+them, also on exceptions. The hooks share one :class:`~._state.RunState` and hand each phase to the
+module that holds it:
 
-What the hooks do, per forward call:
+=========================================  =====================================================
+hook                                       phase module
+=========================================  =====================================================
+top-level model (pre and post)             :mod:`._labels`: labels scored on the survivors
+multimodal model (pre)                     :mod:`._calls`: prefill, decoding step or passthrough
+language model (pre), prefill              :mod:`._prefill`: stage I, the packed sequence
+language model (pre), decoding step        :mod:`._decode`: key masks and positions
+decoder layer (pre), prefill               :mod:`._prefill` and :mod:`._gating`: gates, layer inputs
+decoder layer (pre), decoding step         :mod:`._decode`: the layer group's 4-D mask
+language model (post)                      :mod:`._calls`: the cache filled, the output layout
+=========================================  =====================================================
 
-* **prefill** (no cache, or an empty one): the selector runs on every image's tokens right before
-  the language model; the kept tokens are packed into a shorter, left-padded sequence with the
-  position ids they had in the full sequence (or renumbered, a Schedule option) and an explicit
-  attention mask. At each gate layer the gate decides from the previous layer's attention; the
-  hidden states are packed again and every later layer gets position embeddings, position ids and
-  a 4-D mask sliced to the survivors. Inputs the language model injects between layers (Qwen3-VL's
-  deepstack features) are reduced by the adapter at stage I and at each gate.
-* **decode** (the cache this run filled): each group of layers between gates keeps a key-padding
-  mask of what its cache holds; new tokens are appended to it and layers whose cache differs from
-  layer 0's get their own 4-D mask. Position ids continue from the full sequence: the caller's
-  (checked against where the prefill ended), or the adapter's when the caller gave none.
+What to keep is decided by the engine-neutral :mod:`tokred.decisions`; :mod:`._frozen` records the
+decisions of the latest prefill and replays them while the run is frozen.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..adapters.base import Adapter, ImageSpan, VisionProbes
-from ..budget import Budget, split_proportionally
-from ..components import Gate, Selector
-from ..errors import BudgetError, MethodContractError, RuntimeStateError
+from ..adapters.base import Adapter
+from ..decisions import Describe, check_image_budgets
+from ..errors import RuntimeStateError, ScheduleError
 from ..method import Method
+from ..report import RunReport
 from ..schedule import Schedule
-from ..tokens import GateState, Selection, VisualTokens
 from ._attention import observe_attention
-from ._sequence import causal_key_mask, format_mask, gather_positions, gather_rows, left_pack
-from .report import ImageRecord, RunReport
+from ._calls import classify_call, finish_call
+from ._decode import decode_inputs, decode_layer_inputs
+from ._gating import observed_layers, stash_for
+from ._labels import score_labels, take_labels
+from ._prefill import pack_prefill, prefill_layer
+from ._state import RunState
 
 __all__ = ["Run", "apply"]
 
@@ -51,8 +55,9 @@ def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None,
     """Prepare a scoped application of ``method`` to ``model``; use it as a context manager.
 
     Everything that can be checked without data is checked here, before any forward pass: the
-    model class has an adapter, its attention implementation is supported, gate layers exist, and
-    budgets fit the model's fixed number of visual tokens per image (when its config fixes one).
+    model class has an adapter, its attention implementation is supported, gate layers exist, the
+    selector's required inputs are available, and budgets fit the model's fixed number of visual
+    tokens per image (when its config fixes one).
 
     Args:
         model: a ``transformers`` vision-language model handled by a registered adapter.
@@ -76,7 +81,7 @@ def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None,
     else:
         raise TypeError(f"apply() takes a tokred Method or Schedule, got {type(method).__name__}")
     adapter = registry.adapter_for(model, adapter_options)
-    return Run(model, adapter, schedule, name)
+    return Run(model, adapter, schedule, name, describe=_describer(registry))
 
 
 def _method_name(registry: Any, method: Method) -> str:
@@ -86,78 +91,13 @@ def _method_name(registry: Any, method: Method) -> str:
         return type(method).__name__
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # honest timings: wait for queued kernels
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class _Layout:
-    """The (reduced) sequence as a range of layers sees it during prefill.
-
-    ``origin`` ``[B, L']``: position in the full language-model input (-1: padding).
-    ``entry_index`` ``[B, L']``: position in the sequence that entered the language model.
-    """
-
-    origin: torch.Tensor
-    entry_index: torch.Tensor
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.origin >= 0
-
-    def select(self, local: torch.Tensor) -> _Layout:
-        """The layout made of the local positions ``local`` ``[B, L'']`` (-1: padding)."""
-        pad = local < 0
-        idx = local.clamp(min=0)
-        return _Layout(
-            self.origin.gather(1, idx).masked_fill(pad, -1),
-            self.entry_index.gather(1, idx).masked_fill(pad, 0),
-        )
-
-
-@dataclass
-class _Prefill:
-    """Everything one prefill needs to know about the full sequence (``[B, L]`` tags)."""
-
-    spans: list[ImageSpan]
-    visual: torch.Tensor
-    image_of: torch.Tensor
-    token_of: torch.Tensor
-    tile_of: torch.Tensor
-    instruction: torch.Tensor
-    system: torch.Tensor
-    image_sizes: list[list[int]]
-    tile_counts: list[list[int]]
-    entry: _Layout
-    current: _Layout
-    gate_layers: dict[int, int]
-    stash: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
-    model_mask_is_none: bool = False
-    held: dict[str, Any] = field(default_factory=dict)
-    counted: tuple[_Layout, list[int], list[int]] | None = None
-    layer_inputs: tuple[tuple[int, ...], dict[str, Any]] | None = None
-
-
-@dataclass
-class _CacheState:
-    """What decoding on a cache filled by this run needs: per layer group, which cached keys are real."""
-
-    cache: Callable[[], Any]
-    group_of_layer: list[int]
-    key_valid: list[torch.Tensor]
-    logical_length: int
-    position_shift: torch.Tensor | None
-    next_position: torch.Tensor | None = None
-    passthrough: bool = False
-
-
-@dataclass
-class _Decisions:
-    """Decisions of a prefill, replayed while the run is frozen."""
-
-    stage1: dict[tuple[int, int], Selection] = field(default_factory=dict)
-    gates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+def _describer(registry: Any) -> Describe:
+    """How a run names components in error messages: the registry's description (registered name,
+    plugin, distribution) where it has one, else the class name."""
+    describe = getattr(registry, "describe", None)
+    if describe is None:
+        return lambda component: type(component).__name__
+    return describe  # type: ignore[no-any-return]
 
 
 class Run:
@@ -168,9 +108,11 @@ class Run:
         adapter: the adapter serving it.
         schedule: the schedule being applied.
         method_name: the registered method name (``"schedule"`` for hand-built schedules).
+        gate_layers: the gates' resolved decoder layers.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, schedule: Schedule, method_name: str) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, schedule: Schedule, method_name: str, *,
+                 describe: Describe | None = None) -> None:
         self.model = model
         self.adapter = adapter
         self.schedule = schedule
@@ -178,43 +120,64 @@ class Run:
         self.gate_layers: list[int] = schedule.gate_layers(adapter.num_layers)
         self._check_static()
         self._removers: list[Callable[[], None]] = []
-        self._probes = VisionProbes()
-        self._mode: str = "idle"
-        self._input_ids: torch.Tensor | None = None
-        self._multimodal_inputs: dict[str, Any] = {}
-        self._caller_positions = False
-        self._prefill: _Prefill | None = None
-        self._cache_state: _CacheState | None = None
-        self._frozen = False
-        self._decisions = _Decisions()
-        self._report = RunReport(adapter.family, method_name, adapter.num_layers)
+        self._state = RunState(adapter, schedule, self.gate_layers, method_name,
+                               describe or (lambda component: type(component).__name__),
+                               RunReport(adapter.family, method_name, adapter.num_layers))
 
     # ------------------------------------------------------------------ public
 
     @property
     def report(self) -> RunReport:
-        """Measurements of the latest prefill (see :class:`~tokred.runtime.report.RunReport`)."""
-        return self._report
+        """Measurements of the latest prefill (see :class:`~tokred.report.RunReport`)."""
+        return self._state.report
 
     @property
     def active(self) -> bool:
+        """Whether the hooks are installed."""
         return bool(self._removers)
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[Run]:
-        """Within this block, prefills reuse the decisions of the latest prefill instead of deciding
-        again: the same images keep the same tokens and the same gates drop the same positions.
+    @property
+    def output_positions(self) -> torch.Tensor | None:
+        """``[B, L']`` long, for the latest prefill: the input position (column of ``input_ids``)
+        that each position of the language model's output (logits, hidden states) holds; ``-1``
+        for padding. The output is shorter than the input when visual tokens were dropped, and
+        left-packed: text after the images keeps its order and ends every row. ``None`` before the
+        first prefill.
 
-        This makes a cache-free recomputation (``generate(use_cache=False)``, or scoring several
-        continuations of one prompt) see exactly the reduced sequence the cached run saw.
+        This is how reduced logits are read: the logits of input position ``p`` of row ``b`` are
+        ``logits[b, j]`` where ``output_positions[b, j] == p`` (text positions are never dropped).
+        A forward with ``labels`` uses the same mapping to score the loss on the survivors."""
+        return self._state.output_positions
+
+    @contextlib.contextmanager
+    def frozen(self, rows: Sequence[int] | None = None) -> Iterator[Run]:
+        """Within this block, prefills reuse the decisions of the latest prefill instead of deciding
+        again: the same images keep the same tokens and the same gates keep the same visual tokens.
+
+        This makes a cache-free recomputation (``generate(use_cache=False)``) see exactly the reduced
+        sequence the cached run saw, and lets text be scored after a decision made without it:
+        decide on a prompt, then score several continuations of it (log-likelihood of answer
+        choices) under the prompt's decisions. Decisions name visual tokens by image and index, not
+        by position, so the frozen prefills may be longer or padded differently.
+
+        Args:
+            rows: for each row of the frozen prefills, the row of the deciding prefill whose
+                decisions it replays (e.g. ``[0, 0, 0, 1, 1, 1]`` scores three continuations of
+                each of two prompts); default: the same rows. Each replayed row must hold the same
+                images (same token counts) as its source row.
         """
-        if self._report.prefills == 0:
+        state = self._state
+        if state.report.prefills == 0:
             raise RuntimeStateError("nothing to freeze: run a prefill inside this run first")
-        self._frozen = True
+        if rows is not None and (isinstance(rows, (str, bytes)) or any(isinstance(r, bool) or int(r) != r or r < 0 for r in rows)):
+            raise RuntimeStateError(f"rows must be row indices of the deciding prefill (non-negative ints), got {rows!r}")
+        state.frozen = True
+        state.frozen_rows = None if rows is None else [int(r) for r in rows]
         try:
             yield self
         finally:
-            self._frozen = False
+            state.frozen = False
+            state.frozen_rows = None
 
     def __enter__(self) -> Run:
         self.install()
@@ -242,601 +205,73 @@ class Run:
             self._removers.pop()()
         if _active_runs.get(self.model) is self:
             del _active_runs[self.model]
-        self._prefill = None
-        self._probes.clear()
-        self._mode = "idle"
+        state = self._state
+        state.prefill = None
+        state.probes.clear()
+        state.consumed_probes = None
+        state.mode = "idle"
 
     # ------------------------------------------------------------- validation
 
     def _check_static(self) -> None:
         self.adapter.check_model_state()
         self.adapter.validate(self.gate_layers, schedule=self.schedule)
+        for layer, stage in zip(self.gate_layers, self.schedule.gates):
+            if stage.gate.attention_layer not in ("previous", "own"):
+                raise ScheduleError(f"{type(stage.gate).__name__} at layer {layer}: attention_layer must be 'previous' or "
+                                    f"'own', got {stage.gate.attention_layer!r}")
+        stage = self.schedule.selector
+        if stage is not None:
+            missing = sorted(stage.selector.required_inputs() - self.adapter.available_inputs())
+            if missing:
+                raise ScheduleError(
+                    f"{type(stage.selector).__name__} needs {', '.join(missing)}, which the {self.adapter.family} adapter "
+                    f"cannot provide (it provides {sorted(self.adapter.available_inputs()) or 'none'})"
+                )
         fixed = self.adapter.visual_tokens_per_image()
-        if fixed is None:
-            return
-        stages: list[tuple[str, Budget | None]] = []
-        if self.schedule.selector is not None:
-            stages.append(("selector", self.schedule.selector.budget))
-        stages += [(f"gate at layer {layer}", g.budget) for layer, g in zip(self.gate_layers, self.schedule.gates)]
-        alive = fixed
-        for what, budget in stages:
-            if budget is None:
-                continue
-            k = budget.tokens_for(fixed, what=f"image ({what}; this model has {fixed} visual tokens per image)")
-            if k > alive:
-                raise BudgetError(f"the {what} keeps {k} visual tokens per image but only {alive} survive the stage before")
-            alive = k
+        if fixed is not None:
+            check_image_budgets(self.schedule, self.gate_layers, fixed, f"this model has {fixed} visual tokens per image")
 
     # ----------------------------------------------------------------- install
 
     def _install(self) -> None:
-        adapter = self.adapter
+        adapter, state = self.adapter, self._state
         mm, lm, layers = adapter.multimodal_model(), adapter.language_model(), adapter.decoder_layers()
-        self._hook(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
+        if self.model is not mm:
+            self._hook(self.model.register_forward_pre_hook(lambda m, a, k: take_labels(state, a, k), with_kwargs=True))
+            self._hook(self.model.register_forward_hook(lambda m, a, k, out: score_labels(state, self.model, out),
+                                                        with_kwargs=True))
+        self._hook(mm.register_forward_pre_hook(lambda m, a, k: classify_call(state, m, a, k), with_kwargs=True))
         self._hook(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True, prepend=True))
-        self._hook(lm.register_forward_hook(self._after_language_model, with_kwargs=True))
+        self._hook(lm.register_forward_hook(lambda m, a, k, out: finish_call(state, out), with_kwargs=True))
         for index, layer in enumerate(layers):
             self._hook(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True, prepend=True))
-        for layer in self.gate_layers:
-            self._removers.append(observe_attention(adapter.self_attention(layers[layer - 1]), self._stash_for(layer)))
+        sources = [stage.gate.attention_layer for stage in self.schedule.gates]
+        for observed, served in observed_layers(self.gate_layers, sources).items():
+            self._removers.append(observe_attention(adapter.self_attention(layers[observed]), stash_for(state, served)))
         wanted = self.schedule.selector.selector.inputs if self.schedule.selector else frozenset()
-        self._removers.extend(adapter.install_vision_probes(self._probes, wanted))
+        self._removers.extend(adapter.install_vision_probes(state.probes, wanted))
 
     def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._removers.append(handle.remove)
 
-    # ---------------------------------------------------- multimodal model hook
-
-    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            self._mode = "prefill"
-            if kwargs.get("pixel_values") is not None:
-                # The vision tower runs inside this call. generate() instead runs it before the
-                # call and passes mm_encoder_outputs: what the probes captured then must stay.
-                self._probes.clear()
-            self._check_cache(cache)
-            self._input_ids = input_ids
-            self._multimodal_inputs = kwargs
-            return
-        state = self._cache_state
-        if state is None or state.cache() is not cache:
-            raise RuntimeStateError(
-                "this KV cache was not filled by the active tokred run; tokred can only continue decoding "
-                "on a cache whose prefill it reduced"
-            )
-        if kwargs.get("pixel_values") is not None:
-            raise RuntimeStateError("new images on a continued cache are not supported; start a new prefill")
-        # Position ids the caller did not give are the adapter's to compute: a model that derives
-        # them itself before its language model (Qwen's M-RoPE) reads the pruned cache's length.
-        self._caller_positions = kwargs.get("position_ids") is not None
-        self._mode = "decode"
-
-    @staticmethod
-    def _check_cache(cache: Any) -> None:
-        from transformers import DynamicCache
-
-        if cache is not None and (not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False)):
-            raise RuntimeStateError(
-                f"{type(cache).__name__} is not supported: pruned layers keep shorter caches, which needs a "
-                "DynamicCache (do not pass cache_implementation='static')"
-            )
-
-    # ----------------------------------------------------- language model hook
-
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._mode == "decode":
-            return self._decode_inputs(args, kwargs)
-        if self._mode != "prefill":
+        state = self._state
+        if state.mode == "decode":
+            assert state.cache is not None
+            return decode_inputs(state.cache, self.adapter, state.caller_positions, args, kwargs)
+        if state.mode != "prefill":
             return None
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None or self._input_ids is None:
-            raise RuntimeStateError(
-                "tokred needs input_ids to locate image tokens; call the model with input_ids, not inputs_embeds"
-            )
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise RuntimeStateError("tokred needs a 2-D attention mask (or none); got a precomputed 4-D mask")
-        return self._prefill_inputs(args, kwargs, embeds, mask)
-
-    def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        cache = getattr(output, "past_key_values", None)
-        if self._mode in ("prefill", "passthrough") and self._cache_state is not None and cache is not None:
-            self._cache_state.cache = weakref.ref(cache)
-        self._prefill = None
-        self._multimodal_inputs = {}
-        self._probes.clear()  # consumed by this prefill; never let them reach a later one
-        self._mode = "idle"
-
-    def _prefill_inputs(self, args: tuple, kwargs: dict, embeds: torch.Tensor,
-                        mask: torch.Tensor | None) -> tuple[tuple, dict] | None:
-        input_ids = self._input_ids
-        assert input_ids is not None
-        batch, length = input_ids.shape
-        device = embeds.device
-        mask2d = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
-        real = mask2d.bool()
-        spans = self.adapter.image_spans(input_ids, self._probes, self._multimodal_inputs)
-        report = RunReport(self.adapter.family, self.method_name, self.adapter.num_layers,
-                           prefills=self._report.prefills + 1)
-        self._report = report
-        self._cache_state = None
-        if not self._frozen:  # decisions of an earlier prefill must never leak into this one
-            self._decisions = _Decisions()
-        if not spans:  # text only: nothing to reduce, leave every input as it is
-            report.visual_tokens_input = [0] * batch
-            report.visual_tokens_per_layer = [[0] * batch for _ in range(self.adapter.num_layers)]
-            self._cache_state = _CacheState(lambda: None, [], [], length, None, passthrough=True)
-            self._mode = "passthrough"
-            return None
-
-        visual = torch.zeros(batch, length, dtype=torch.bool)
-        image_of = torch.full((batch, length), -1, dtype=torch.long)
-        token_of = torch.full((batch, length), -1, dtype=torch.long)
-        tile_of = torch.full((batch, length), -1, dtype=torch.long)
-        image_sizes: list[list[int]] = [[] for _ in range(batch)]
-        tile_counts: list[list[int]] = [[] for _ in range(batch)]
-        for span in spans:
-            visual[span.sample, span.positions] = True
-            image_of[span.sample, span.positions] = span.image
-            token_of[span.sample, span.positions] = torch.arange(span.positions.numel())
-            tile_of[span.sample, span.positions] = span.layout.tile
-            image_sizes[span.sample].append(span.positions.numel())
-            tile_counts[span.sample].append(span.layout.num_tiles)
-        instruction, system = self.adapter.text_roles(input_ids.cpu(), mask2d.cpu(), visual)
-        full_positions = self.adapter.full_position_ids(kwargs.get("position_ids"), input_ids, mask, past_length=0)
-        report.visual_tokens_input = [int(n) for n in visual.sum(1)]
-
-        keep = real.cpu().clone()
-        new_embeds = embeds
-        records: dict[tuple[int, int], ImageRecord] = {}
-        if self.schedule.selector is not None:
-            new_embeds = embeds.clone()
-            start = time.perf_counter()
-            _sync(device)
-            for span in spans:
-                selection = self._select(span, embeds)
-                positions = span.positions
-                dropped = torch.ones(positions.numel(), dtype=torch.bool)
-                dropped[selection.indices] = False
-                keep[span.sample, positions[dropped]] = False
-                if selection.features is not None:
-                    new_embeds[span.sample, positions[selection.indices].to(device)] = selection.features.to(embeds.dtype)
-                records[(span.sample, span.image)] = _record(span, selection.indices)
-            _sync(device)
-            report.selection_seconds += time.perf_counter() - start
-        else:
-            for span in spans:
-                records[(span.sample, span.image)] = _record(span, torch.arange(span.positions.numel()))
-        report.images = [records[(s.sample, s.image)] for s in spans]
-
-        if self.schedule.selector is not None:
-            origin = left_pack(keep)
-        else:  # gates only: the language model input is untouched, layout as given (padding in place)
-            origin = torch.where(real.cpu(), torch.arange(length).expand(batch, -1), -1)
-        entry_local = torch.arange(origin.shape[1]).expand(batch, -1).clone()
-        entry = _Layout(origin, entry_local.masked_fill(origin < 0, 0))
-        self._prefill = _Prefill(
-            spans=spans, visual=visual, image_of=image_of, token_of=token_of, tile_of=tile_of,
-            instruction=instruction, system=system, image_sizes=image_sizes, tile_counts=tile_counts, entry=entry, current=entry,
-            gate_layers={layer: i for i, layer in enumerate(self.gate_layers)},
-        )
-        shift = self._renumber_shift(real.cpu(), keep)
-        self._cache_state = _CacheState(lambda: None, [0] * self.adapter.num_layers, [entry.valid], length,
-                                        None if shift is None else shift[:, -1].to(device),
-                                        _next_position(self.adapter.position_index(full_positions), real))
-        held = self.adapter.reduce_language_model_kwargs(kwargs, origin)
-        self._prefill.held = held
-        if self.schedule.selector is None:
-            return (args, {**kwargs, **held}) if held else None
-
-        new_kwargs = dict(kwargs)
-        new_kwargs["inputs_embeds"] = gather_rows(new_embeds, origin, seq_dim=1)
-        new_kwargs["attention_mask"] = entry.valid.to(device=device, dtype=mask2d.dtype)
-        positions = gather_positions(full_positions, origin)
-        if shift is not None:
-            positions = positions - gather_rows(shift, origin, seq_dim=1).to(positions.device).masked_fill(origin.to(positions.device) < 0, 0)
-        new_kwargs["position_ids"] = positions
-        new_kwargs.update(held)
-        return args, new_kwargs
-
-    def _renumber_shift(self, real: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
-        """``[B, L]``: real tokens dropped at or before each position (renumbering mode only)."""
-        if self.schedule.positions != "renumber":
-            return None
-        return torch.cumsum((real & ~keep).long(), dim=1)
-
-    def _select(self, span: ImageSpan, embeds: torch.Tensor) -> Selection:
-        stage = self.schedule.selector
-        assert stage is not None
-        key = (span.sample, span.image)
-        n = span.positions.numel()
-        if self._frozen:
-            if key not in self._decisions.stage1:
-                raise RuntimeStateError(f"frozen run has no stage-I decision for sample {span.sample} image {span.image}")
-            return self._decisions.stage1[key]
-        tokens = VisualTokens(
-            features=embeds[span.sample, span.positions.to(embeds.device)],
-            layout=span.layout,
-            pre_projector=self._probe("pre_projector", span),
-            cls_attention=self._probe("cls_attention", span),
-            sample_index=span.sample,
-            image_index=span.image,
-        )
-        k = stage.budget.tokens_for(n)
-        if stage.budget.spread == "tiles" and span.layout.num_tiles > 1:
-            selection = self._select_per_tile(stage.selector, tokens, k)
-        else:
-            selection = _check_selection(stage.selector, stage.selector.select(tokens, k), n, k, embeds.shape[-1])
-        self._decisions.stage1[key] = selection
-        return selection
-
-    @staticmethod
-    def _select_per_tile(selector: Selector, tokens: VisualTokens, k: int) -> Selection:
-        """``Budget(spread="tiles")``: ``k`` split over the tiles in proportion to their token counts,
-        and the selector run on every tile as if it were an image of its own."""
-        layout = tokens.layout
-        views = [layout.tile_view(tile) for tile in range(layout.num_tiles)]
-        shares = split_proportionally(k, [index.numel() for index, _ in views])
-        kept: list[torch.Tensor] = []
-        features: list[torch.Tensor] = []
-        merged = False
-        for (index, tile_layout), share in zip(views, shares):
-            if share == 0:
-                continue
-            device_index = index.to(tokens.features.device)
-            part = VisualTokens(
-                features=tokens.features[device_index],
-                layout=tile_layout,
-                pre_projector=None if tokens.pre_projector is None else tokens.pre_projector[index.to(tokens.pre_projector.device)],
-                cls_attention=None if tokens.cls_attention is None else tokens.cls_attention[index.to(tokens.cls_attention.device)],
-                sample_index=tokens.sample_index,
-                image_index=tokens.image_index,
-            )
-            chosen = _check_selection(selector, selector.select(part, share), index.numel(), share, tokens.features.shape[-1])
-            kept.append(index[chosen.indices])
-            merged |= chosen.features is not None
-            features.append(chosen.features if chosen.features is not None else part.features[chosen.indices.to(device_index.device)])
-        indices = torch.cat(kept)
-        order = torch.argsort(indices)
-        return Selection(indices[order], torch.cat(features)[order.to(tokens.features.device)] if merged else None)
-
-    def _probe(self, name: str, span: ImageSpan) -> torch.Tensor | None:
-        """What the vision probes captured for one image, or None where the selector did not ask
-        for it or the model cannot provide it (the adapter raises when it promised and failed)."""
-        if name not in self.schedule.selector.selector.inputs or name not in self.adapter.available_inputs():  # type: ignore[union-attr]
-            return None
-        return self.adapter.probe_values(self._probes, name, span)
-
-    # ------------------------------------------------------------ decode steps
-
-    def _decode_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        state = self._cache_state
-        assert state is not None
-        embeds = kwargs.get("inputs_embeds")
-        num_new = embeds.shape[1]
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.shape[-1] != state.logical_length + num_new:
-            raise RuntimeStateError(
-                f"the attention mask covers {mask.shape[-1]} positions but this pruned cache stands for "
-                f"{state.logical_length} tokens plus {num_new} new ones. Continuing a conversation on a cache "
-                "that tokred pruned is not supported through generate(), which re-feeds tokens it believes are "
-                "missing from the cache; run the whole conversation again instead"
-            )
-        if state.passthrough:
-            state.logical_length += num_new
-            return None
-        device = embeds.device
-        positions = kwargs.get("position_ids") if self._caller_positions else None
-        if positions is None:
-            positions = self.adapter.decode_position_ids(embeds.shape[0], num_new, state.logical_length, device,
-                                                         attention_mask=mask)
-        elif state.next_position is not None:
-            first = self.adapter.position_index(positions)[:, 0]
-            if not torch.equal(first.cpu(), state.next_position):
-                raise RuntimeStateError(
-                    f"decoding resumes at position {first.tolist()} but this pruned cache ends before position "
-                    f"{state.next_position.tolist()}. Continuing a conversation on a cache that tokred pruned is not "
-                    "supported through generate(), which re-feeds tokens it believes are missing from the shorter "
-                    "cache; run the whole conversation again instead"
-                )
-        state.next_position = self.adapter.position_index(positions)[:, -1].cpu() + 1
-        new_valid = mask[:, -num_new:].bool() if mask is not None else torch.ones(embeds.shape[0], num_new, dtype=torch.bool, device=device)
-        state.key_valid = [torch.cat([kv.to(device), new_valid], dim=1) for kv in state.key_valid]
-        if state.position_shift is not None:
-            positions = positions - state.position_shift.to(positions.device)[:, None]
-        state.logical_length += num_new
-        new_kwargs = dict(kwargs)
-        new_kwargs["attention_mask"] = state.key_valid[0].to(dtype=mask.dtype if mask is not None else torch.long)
-        new_kwargs["position_ids"] = positions
-        return args, new_kwargs
-
-    # ------------------------------------------------------------ layer hooks
+        return pack_prefill(state, args, kwargs)
 
     def _layer_hook(self, index: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
+        state = self._state
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if self._mode == "prefill" and self._prefill is not None:
-                return self._prefill_layer(index, args, kwargs)
-            if self._mode == "decode":
-                return self._decode_layer(index, kwargs, args)
+            if state.mode == "prefill" and state.prefill is not None:
+                return prefill_layer(state, index, args, kwargs)
+            if state.mode == "decode":
+                return decode_layer_inputs(state.cache, index, args, kwargs)
             return None
 
         return hook
-
-    def _prefill_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        prefill = self._prefill
-        assert prefill is not None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if index == 0:
-            prefill.model_mask_is_none = kwargs.get("attention_mask") is None
-        if index in prefill.gate_layers:
-            start = time.perf_counter()
-            _sync(hidden.device)
-            local = self._gate(index, prefill, hidden)
-            prefill.current = prefill.current.select(local)
-            hidden = gather_rows(hidden, local, seq_dim=1)
-            if prefill.held:
-                self.adapter.follow_reduction(prefill.held, local)
-            _sync(hidden.device)
-            self._report.gating_seconds += time.perf_counter() - start
-            state = self._cache_state
-            assert state is not None
-            state.key_valid.append(prefill.current.valid)
-            group = len(state.key_valid) - 1
-            state.group_of_layer[index:] = [group] * (len(state.group_of_layer) - index)
-        self._record_layer(prefill)
-        if prefill.current is prefill.entry:
-            return None
-        new_kwargs = dict(kwargs)
-        new_kwargs.update(self._reduced_layer_inputs(prefill, kwargs, hidden))
-        new_kwargs.update(self.adapter.reduce_layer_kwargs(kwargs, prefill.current.entry_index))
-        if args:
-            return (hidden, *args[1:]), new_kwargs
-        new_kwargs["hidden_states"] = hidden
-        return args, new_kwargs
-
-    def _reduced_layer_inputs(self, prefill: _Prefill, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
-        """Position embeddings, position ids and mask of the current layout. The language model
-        passes every layer the same full-length ones, so they are reduced once per layout (and per
-        incoming tensors) and reused by the following layers."""
-        current = prefill.current
-        key = (id(current), id(kwargs["position_embeddings"]), id(kwargs.get("position_ids")), id(kwargs.get("attention_mask")))
-        if prefill.layer_inputs is not None and prefill.layer_inputs[0] == key:
-            return prefill.layer_inputs[1]
-        cos, sin = kwargs["position_embeddings"]
-        reduced: dict[str, Any] = {"position_embeddings": (gather_rows(cos, current.entry_index, seq_dim=-2),
-                                                           gather_rows(sin, current.entry_index, seq_dim=-2))}
-        if kwargs.get("position_ids") is not None:
-            reduced["position_ids"] = gather_positions(kwargs["position_ids"], current.entry_index)
-        valid = current.valid.to(hidden.device)
-        if prefill.model_mask_is_none and bool(valid.all()):
-            reduced["attention_mask"] = None  # keeps sdpa on its is_causal fast path
-        else:
-            reduced["attention_mask"] = format_mask(causal_key_mask(valid, valid.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
-        prefill.layer_inputs = (key, reduced)
-        return reduced
-
-    def _record_layer(self, prefill: _Prefill) -> None:
-        """Visual tokens each sample and image has at this layer; counted once per layout."""
-        if prefill.counted is None or prefill.counted[0] is not prefill.current:
-            origin = prefill.current.origin
-            visual_alive = prefill.visual.gather(1, origin.clamp(min=0)) & (origin >= 0)
-            per_image = [int((visual_alive[r.sample] & (prefill.image_of[r.sample].gather(0, origin[r.sample].clamp(min=0)) == r.image)).sum())
-                         for r in self._report.images]
-            prefill.counted = (prefill.current, [int(n) for n in visual_alive.sum(1)], per_image)
-        _, per_sample, per_image = prefill.counted
-        self._report.visual_tokens_per_layer.append(list(per_sample))
-        for record, count in zip(self._report.images, per_image):
-            record.kept_per_layer.append(count)
-
-    def _decode_layer(self, index: int, kwargs: dict, args: tuple) -> tuple[tuple, dict] | None:
-        state = self._cache_state
-        if state is None or state.passthrough or not state.group_of_layer or state.group_of_layer[index] == 0:
-            return None
-        valid = state.key_valid[state.group_of_layer[index]]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        new_kwargs = dict(kwargs)
-        new_kwargs["attention_mask"] = format_mask(causal_key_mask(valid, hidden.shape[1]), kwargs.get("attention_mask"), hidden.dtype)
-        return args, new_kwargs
-
-    # -------------------------------------------------------------------- gates
-
-    def _stash_for(self, gate_layer: int) -> Callable[[torch.Tensor, torch.Tensor, float], None]:
-        def stash(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-            if self._mode == "prefill" and self._prefill is not None and not self._frozen:
-                self._prefill.stash[gate_layer] = (query, key, scaling)
-
-        return stash
-
-    def _gate(self, layer: int, prefill: _Prefill, hidden: torch.Tensor) -> torch.Tensor:
-        """Run the gate at ``layer`` on every sample; return the packed local indices ``[B, L']``."""
-        stage = self.schedule.gates[prefill.gate_layers[layer]]
-        current = prefill.current
-        origin = current.origin
-        valid = current.valid
-        keep = valid.clone()
-        stash = prefill.stash.pop(layer, None)
-        for sample in range(origin.shape[0]):
-            row_origin = origin[sample].clamp(min=0)
-            visual_local = torch.nonzero(valid[sample] & prefill.visual[sample, row_origin]).flatten()
-            if visual_local.numel() == 0:
-                continue
-            visual_origin = origin[sample, visual_local]
-            if self._frozen:
-                key = (layer, sample)
-                if key not in self._decisions.gates:
-                    raise RuntimeStateError(f"frozen run has no decision for the gate at layer {layer}, sample {sample}")
-                kept_local = visual_local[torch.isin(visual_origin, self._decisions.gates[key])]
-            else:
-                state = self._gate_state(layer, sample, prefill, stage.budget, visual_local, valid[sample], hidden, stash)
-                with torch.no_grad():  # decisions only; never build an autograd graph on attention
-                    chosen = _check_gate_choice(stage.gate, stage.gate.select(state), state)
-                kept_local = visual_local[chosen]
-                self._decisions.gates[(layer, sample)] = origin[sample, kept_local]
-            keep[sample, visual_local] = False
-            keep[sample, kept_local] = True
-            self._update_final(sample, prefill, origin[sample, kept_local])
-        for record in self._report.images:
-            record.kept_after_gates.append((layer, list(record.kept_final)))
-        return left_pack(keep)
-
-    def _update_final(self, sample: int, prefill: _Prefill, kept_origin: torch.Tensor) -> None:
-        for record in self._report.images:
-            if record.sample == sample:
-                mine = kept_origin[prefill.image_of[sample, kept_origin] == record.image]
-                record.kept_final = sorted(int(t) for t in prefill.token_of[sample, mine])
-                record.kept_per_tile = torch.bincount(prefill.tile_of[sample, mine], minlength=len(record.tile_sizes)).tolist()
-
-    def _gate_state(self, layer: int, sample: int, prefill: _Prefill, budget: Budget | None,
-                    visual_local: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor,
-                    stash: tuple[torch.Tensor, torch.Tensor, float] | None) -> GateState:
-        origin = prefill.current.origin[sample].clamp(min=0)
-        visual_image = prefill.image_of[sample, origin[visual_local]]
-        visual_token = prefill.token_of[sample, origin[visual_local]]
-        visual_tile = prefill.tile_of[sample, origin[visual_local]]
-        keep_per_image = None
-        keep_per_tile = None
-        if budget is not None:
-            keep_per_image = []
-            for image, size in enumerate(prefill.image_sizes[sample]):
-                k = budget.tokens_for(size)
-                alive = int((visual_image == image).sum())
-                if k > alive:
-                    raise BudgetError(
-                        f"gate at layer {layer} keeps {k} tokens of image {image} (sample {sample}) but only "
-                        f"{alive} are alive there after earlier stages"
-                    )
-                keep_per_image.append(k)
-            if budget.spread == "tiles":
-                # In proportion to the tokens each tile still has at this layer, so no tile is asked
-                # for more than it holds after earlier stages.
-                keep_per_tile = [
-                    split_proportionally(k, torch.bincount(visual_tile[visual_image == image], minlength=tiles).tolist())
-                    for image, (k, tiles) in enumerate(zip(keep_per_image, prefill.tile_counts[sample]))
-                ]
-        roles = {
-            "instruction": torch.nonzero(valid & prefill.instruction[sample, origin]).flatten(),
-            "system": torch.nonzero(valid & prefill.system[sample, origin]).flatten(),
-            "visual": visual_local,
-            "last": torch.nonzero(valid).flatten()[-1:],
-        }
-        roles["text"] = torch.sort(torch.cat([roles["system"], roles["instruction"]])).values
-
-        def attention(queries: str, keys: str) -> torch.Tensor:
-            if stash is None:
-                raise RuntimeStateError(f"no attention was captured for the gate at layer {layer}")
-            if queries not in roles or keys not in roles:
-                raise ValueError(f"attention roles are {sorted(roles)}, got {queries!r} -> {keys!r}")
-            return _attention_slice(stash, sample, roles[queries], roles[keys], valid)
-
-        return GateState(
-            layer=layer, sample_index=sample, visual_image=visual_image, visual_token=visual_token,
-            keep_per_image=keep_per_image, visual_tile=visual_tile, keep_per_tile=keep_per_tile, num_instruction=int(roles["instruction"].numel()),
-            num_system=int(roles["system"].numel()), hidden_states=hidden[sample, valid.to(hidden.device)],
-            _attention=attention,
-        )
-
-
-def _record(span: ImageSpan, kept: torch.Tensor) -> ImageRecord:
-    """The report's record of one image after stage I (``kept``: ``[k]`` increasing indices)."""
-    tiles = span.layout.tile
-    return ImageRecord(
-        span.sample, span.image, span.positions.numel(), kept.tolist(), kept.tolist(),
-        tile_sizes=torch.bincount(tiles, minlength=span.layout.num_tiles).tolist(),
-        thumbnail_tile=span.layout.thumbnail_tile if span.layout.num_tiles > 1 else None,
-        kept_per_tile=torch.bincount(tiles[kept], minlength=span.layout.num_tiles).tolist(),
-    )
-
-
-def _next_position(index: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``[B]``: one past the largest position index (``[B, L]``, :meth:`Adapter.position_index`) of
-    each row's real tokens, where the unmodified model's next token goes."""
-    return index.cpu().masked_fill(~real.cpu(), -1).amax(dim=1) + 1
-
-
-#: Upper bound on the ``[H, q, L]`` fp32 score block formed at once by :func:`_attention_slice`
-#: (64 Mi elements, 256 MiB): visual-to-text attention on a 2,900-token LLaVA-NeXT image with 32 heads
-#: would otherwise be a 1 GiB temporary.
-_SCORE_BLOCK_ELEMENTS = 1 << 26
-
-
-def _attention_slice(stash: tuple[torch.Tensor, torch.Tensor, float], sample: int, query_local: torch.Tensor,
-                     key_local: torch.Tensor, valid: torch.Tensor,
-                     block_elements: int = _SCORE_BLOCK_ELEMENTS) -> torch.Tensor:
-    """``[H, Q, K]`` attention probabilities of one sample, normalised over every visible key.
-
-    Queries are processed in blocks so that no intermediate exceeds ``block_elements`` scores
-    (``[H, q, L]``) besides the ``[H, Q, K]`` result. Each query's softmax is over its own row, so
-    blocks agree with one large product up to float rounding (matmul kernels vary with the shape)."""
-    query, key, scaling = stash
-    device = query.device
-    k = key[sample].float()                                                    # [H_kv, L, d]
-    heads = query.shape[1]
-    k = k.repeat_interleave(heads // k.shape[0], dim=0)                        # grouped KV heads -> [H, L, d]
-    key_pos = torch.arange(k.shape[1], device=device)
-    key_index = key_local.to(device)
-    valid = valid.to(device)
-    query_local = query_local.to(device)
-    block = max(1, block_elements // max(1, heads * k.shape[1]))
-    parts = []
-    for start in range(0, query_local.numel(), block):
-        rows = query_local[start:start + block]
-        q = query[sample, :, rows].float()                                     # [H, q, d]
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling                # [H, q, L]
-        visible = (key_pos[None, :] <= rows[:, None]) & valid[None, :]
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        parts.append(torch.softmax(scores, dim=-1)[:, :, key_index])
-    if not parts:
-        return torch.zeros(heads, 0, key_index.numel(), device=device)
-    return torch.cat(parts, dim=1)
-
-
-def _check_selection(selector: Selector, result: torch.Tensor | Selection, n: int, k: int, dim: int) -> Selection:
-    """Validate a selector's result and sort it into spatial order."""
-    name = type(selector).__name__
-    selection = result if isinstance(result, Selection) else Selection(result)
-    indices = selection.indices
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.long, torch.int32, torch.int64):
-        raise MethodContractError(f"{name}.select must return a 1-D integer tensor of indices, got {indices!r:.80}")
-    indices = indices.detach().long().cpu()
-    if indices.numel() != k:
-        raise MethodContractError(f"{name}.select returned {indices.numel()} indices; the budget is exactly {k}")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-        raise MethodContractError(f"{name}.select returned indices outside 0..{n - 1}")
-    if torch.unique(indices).numel() != indices.numel():
-        raise MethodContractError(f"{name}.select returned duplicate indices")
-    order = torch.argsort(indices)
-    features = selection.features
-    if features is not None:
-        if features.shape != (k, dim):
-            raise MethodContractError(f"{name}.select returned features of shape {tuple(features.shape)}, expected ({k}, {dim})")
-        features = features[order.to(features.device)]
-    return Selection(indices[order], features)
-
-
-def _check_gate_choice(gate: Gate, chosen: torch.Tensor, state: GateState) -> torch.Tensor:
-    name = type(gate).__name__
-    if not isinstance(chosen, torch.Tensor) or chosen.dim() != 1 or chosen.dtype not in (torch.long, torch.int32, torch.int64):
-        raise MethodContractError(f"{name}.select must return a 1-D integer tensor of indices, got {chosen!r:.80}")
-    chosen = chosen.detach().long().cpu()
-    v = state.num_visual
-    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= v):
-        raise MethodContractError(f"{name}.select returned indices outside 0..{v - 1}")
-    if torch.unique(chosen).numel() != chosen.numel():
-        raise MethodContractError(f"{name}.select returned duplicate indices")
-    if state.keep_per_image is not None:
-        counts = torch.bincount(state.visual_image[chosen], minlength=len(state.keep_per_image)).tolist()
-        if counts != list(state.keep_per_image):
-            raise MethodContractError(f"{name}.select kept {counts} tokens per image; the budget is exactly {state.keep_per_image}")
-    if state.keep_per_tile is not None and state.visual_tile is not None:
-        for image, wanted in enumerate(state.keep_per_tile):
-            tiles = state.visual_tile[chosen][state.visual_image[chosen] == image]
-            counts = torch.bincount(tiles, minlength=len(wanted)).tolist()
-            if counts != list(wanted):
-                raise MethodContractError(
-                    f"{name}.select kept {counts} tokens per tile of image {image}; the budget spread over tiles is "
-                    f"exactly {wanted} (a gate that overrides select() must honour state.keep_per_tile)"
-                )
-    return torch.sort(chosen).values

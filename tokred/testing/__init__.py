@@ -8,14 +8,16 @@ property (see :mod:`tokred.testing._checks`) on every registered adapter that ha
 from ._checks import (
     CHECKS,
     ConformanceError,
+    Refusal,
     check_method,
     conformance_cases,
     parametrize_with_checks,
     tiny_inputs,
 )
+from ._builders import make_gate_state, make_visual_tokens
 from ._tiny import FAMILIES, make_image, tiny_model
 
 __all__ = [
-    "FAMILIES", "make_image", "tiny_model", "tiny_inputs",
-    "CHECKS", "ConformanceError", "check_method", "conformance_cases", "parametrize_with_checks",
+    "FAMILIES", "make_image", "tiny_model", "tiny_inputs", "make_visual_tokens", "make_gate_state",
+    "CHECKS", "ConformanceError", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
 ]

@@ -98,7 +98,7 @@ def _state(num_instruction: int, calls: list[tuple[str, str]]) -> GateState:
     return GateState(
         layer=2, sample_index=0, visual_image=torch.zeros(visual, dtype=torch.long),
         visual_token=torch.arange(visual), keep_per_image=[2], num_instruction=num_instruction, num_system=1,
-        hidden_states=torch.zeros(8, 4), _attention=attention,
+        hidden_states=torch.zeros(8, 4), attention_source=attention,
     )
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 
 from pydantic import Field
 from tokred import Budget, BudgetError, BudgetOptions, GateStage, Method, OptionsError, Schedule, SelectorStage
+from tokred.options import Integer, LayerSpec, Number
 
 from ._cross_attention import CrossAttentionGate
 from ._self_attention import SelfAttentionSelector
@@ -44,17 +45,17 @@ class StarMethod(BudgetOptions, Method):
 
     default_keep_ratio = 0.25
 
-    stage1_keep: int | None = Field(
+    stage1_keep: Integer | None = Field(
         None,
         description="Visual tokens per image that stage I keeps (absolute). Default: twice the final budget, "
         "at most all tokens (ours). Excludes stage1_keep_ratio; only with both stages on.",
     )
-    stage1_keep_ratio: float | None = Field(
+    stage1_keep_ratio: Number | None = Field(
         None,
         description="Fraction of each image's visual tokens that stage I keeps, in (0, 1]. Excludes stage1_keep; "
         "only with both stages on.",
     )
-    gate_layer: int | str = Field(
+    gate_layer: LayerSpec = Field(
         "1/4",
         description="Decoder layer K (int, negative from the end, or depth fraction like '1/4') from which only the "
         "final budget remains; scored with layer K-1's attention. Default ours: the paper gives none we could use.",

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import tokred
-from tokred import Budget, GateStage, GateState, Schedule, SelectorStage
+from tokred import Budget, GateStage, GateState, Schedule, SelectorStage, compat
 from tokred.testing import tiny_inputs, tiny_model
 from tokred_todre import DiversitySelector, InformationMigrationGate, MigrationRatios, migration_ratios
 
@@ -35,7 +35,7 @@ def _state(full: torch.Tensor, roles: dict[str, list[int]], requests: list[tuple
     return GateState(
         layer=GATE_LAYER, sample_index=0, visual_image=torch.zeros(num_visual, dtype=torch.long),
         visual_token=torch.arange(num_visual), keep_per_image=None, num_instruction=len(roles["instruction"]),
-        num_system=len(roles["system"]), hidden_states=torch.zeros(full.shape[-1], 4), _attention=attention,
+        num_system=len(roles["system"]), hidden_states=torch.zeros(full.shape[-1], 4), attention_source=attention,
     )
 
 
@@ -75,7 +75,7 @@ def _constant_state(t2v: float, v2t: float, *, system: int = 2, instruction: int
     return GateState(
         layer=GATE_LAYER, sample_index=0, visual_image=torch.zeros(visual, dtype=torch.long),
         visual_token=torch.arange(visual), keep_per_image=None, num_instruction=instruction, num_system=system,
-        hidden_states=torch.zeros(text + visual, 4), _attention=attention,
+        hidden_states=torch.zeros(text + visual, 4), attention_source=attention,
     )
 
 
@@ -214,7 +214,7 @@ def test_gate_fires_and_removes_visual_tokens_for_prefill_and_decoding(attn_impl
     assert run.report.kept_indices == [[]]
     # Decoding: the layers from the gate on cached only the text, the earlier ones the image too.
     text = _text_tokens(inputs, model.config.image_token_id)[0]
-    cached = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    cached = [layer.keys.shape[-2] for layer in compat.output_cache(out).layers]
     generated_before_last = out.sequences.shape[1] - inputs["input_ids"].shape[1] - 1
     assert cached == [text + entering + generated_before_last] * GATE_LAYER + [text + generated_before_last]
 

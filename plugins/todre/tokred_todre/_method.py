@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 from tokred import BudgetOptions, GateStage, Method, OptionsError, Schedule, SelectorStage
+from tokred.options import LayerSpec, Number
 
 from ._gate import InformationMigrationGate
 from ._selector import DiversitySelector, Objective, PivotRule
@@ -48,12 +49,12 @@ class ToDREMethod(BudgetOptions, Method):
         description="Stage-I first token: 'cls_attention' (paper; 'max_norm' when the encoder has no [CLS]), "
         "'max_norm' or 'index:<i>'.",
     )
-    tau: float = Field(
+    tau: Number = Field(
         0.10, ge=0.0, le=1.0,
         description="Stage-II threshold: a sample's visual tokens are dropped when both the text->visual and "
         "the visual->text attention shares are below it.",
     )
-    gate_layer: int | str = Field(
+    gate_layer: LayerSpec = Field(
         "7/8",
         description="Stage-II layer from which a firing gate removes the visual tokens (int, negative from "
         "the end, or a depth fraction such as '7/8', rounded down); it decides from the layer before.",

@@ -10,13 +10,15 @@ the budget is reached. The v1 paper used greedy k-center instead (``objective="k
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 from pydantic import AfterValidator, Field
-from tokred import Selector, VisualTokens
+from tokred import OptionsError, Selector, VisualTokens
 
 from ._greedy import k_center, max_sum_diversity, row_norms
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DiversitySelector", "Objective", "PivotRule", "pivot_index"]
 
@@ -54,6 +56,8 @@ def pivot_index(tokens: VisualTokens, rule: str) -> int:
 
     Ties go to the lowest index.
     """
+    import torch
+
     _check_pivot(rule)
     n = tokens.num_tokens
     if rule.startswith("index:"):
@@ -105,7 +109,17 @@ class DiversitySelector(Selector):
         (so ``pivot="max_norm"`` also runs where none can be captured, e.g. under beam search)."""
         return frozenset({"cls_attention"}) if self.pivot == "cls_attention" else frozenset()
 
+    def validate(self, num_tokens: int) -> None:
+        """``pivot="index:<i>"`` needs ``i < N`` on every image (every tile with ``spread="tiles"``)."""
+        if self.pivot.startswith("index:") and int(self.pivot.split(":", 1)[1]) >= num_tokens:
+            raise OptionsError(
+                f"todre.diversity: pivot={self.pivot!r} is outside an image of {num_tokens} visual tokens "
+                f"(valid: index:0 to index:{num_tokens - 1})"
+            )
+
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
+        import torch
+
         if k == tokens.num_tokens:
             return torch.arange(k)
         greedy = max_sum_diversity if self.objective == "max_sum" else k_center
