@@ -25,7 +25,7 @@ from ._inputs import NUM_VISUAL, Batch, assemble, encode_prompts, pixel_values, 
 from ._scenes import KINDS, ProxyItem
 
 __all__ = [
-    "Context", "Selection", "Scores", "evaluate", "accuracy_by_kind", "select_oracle", "select_random",
+    "Context", "Selection", "Scores", "evaluate", "predictions", "accuracy_by_kind", "select_oracle", "select_random",
     "select_l2", "select_kcenter", "select_last_token_attention", "last_token_attention",
 ]
 
@@ -198,6 +198,37 @@ def _pruned_logits(model: transformers.LlavaForConditionalGeneration, batch: Bat
     return model.lm_head(h[torch.arange(h.shape[0]), last])
 
 
+def _answers(model: transformers.LlavaForConditionalGeneration, processor: transformers.LlavaProcessor,
+             items: Sequence[ProxyItem], selection: Selection | None, prune_layer: int | None,
+             batch_size: int) -> list[str]:
+    """The predicted answer word of every item (first-token argmax over the vocabulary)."""
+    tokenizer = processor.tokenizer
+    words: list[str] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        feats = visual_features(model, pixel_values([it.image for it in chunk]))
+        visual = project(model, feats)
+        prompts = encode_prompts(processor, [it.question for it in chunk])
+        full = assemble(model, prompts, visual)
+        keep = None if selection is None else selection(Context(chunk, feats, visual, model, full))
+        if keep is None:
+            logits = _pruned_logits(model, full)
+        elif prune_layer is None:
+            logits = _pruned_logits(model, assemble(model, prompts, visual, keep))
+        else:
+            logits = _pruned_logits(model, full, keep, prune_layer)
+        words += tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    return words
+
+
+@torch.no_grad()
+def predictions(model: transformers.LlavaForConditionalGeneration, processor: transformers.LlavaProcessor,
+                items: Sequence[ProxyItem], selection: Selection | None = None, *, prune_layer: int | None = None,
+                batch_size: int = 64) -> list[str]:
+    """The answer word predicted for every item, as :func:`evaluate` scores it."""
+    return _answers(model, processor, items, selection, prune_layer, batch_size)
+
+
 @torch.no_grad()
 def evaluate(model: transformers.LlavaForConditionalGeneration, processor: transformers.LlavaProcessor,
              items: Sequence[ProxyItem], selection: Selection | None, *, prune_layer: int | None = None,
@@ -205,26 +236,8 @@ def evaluate(model: transformers.LlavaForConditionalGeneration, processor: trans
     """Score ``items`` with every row keeping ``selection``'s tokens (``None``: all 256), from the
     first layer or, with ``prune_layer``, from that decoder layer on."""
     scores = Scores()
-    tokenizer = processor.tokenizer
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        feats = visual_features(model, pixel_values([it.image for it in chunk]))
-        visual = project(model, feats)
-        prompts = encode_prompts(processor, [it.question for it in chunk])
-        full = assemble(model, prompts, visual)
-        if selection is None:
-            keep = None
-        else:
-            keep = selection(Context(chunk, feats, visual, model, full))
-        if keep is None:
-            logits = _pruned_logits(model, full)
-        elif prune_layer is None:
-            logits = _pruned_logits(model, assemble(model, prompts, visual, keep))
-        else:
-            logits = _pruned_logits(model, full, keep, prune_layer)
-        predicted = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        for it, word in zip(chunk, predicted):
-            scores.add(it.kind, word == it.answer)
+    for it, word in zip(items, _answers(model, processor, items, selection, prune_layer, batch_size)):
+        scores.add(it.kind, word == it.answer)
     return scores
 
 

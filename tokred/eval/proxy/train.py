@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -45,7 +46,7 @@ from ._inputs import NUM_VISUAL, assemble, encode_prompts, project, visual_featu
 from ._model import build_model, build_processor, build_tokenizer, save_proxy
 from ._scenes import COLOURS, GRID, KINDS, SHAPES, ProxyItem, ask, askable, make_item
 
-__all__ = ["Recipe", "train", "patch_labels", "train_seed", "main"]
+__all__ = ["Recipe", "train", "patch_labels", "train_seed", "held_out_figures", "CHECK_ITEMS", "main"]
 
 _COLOUR_NAMES = tuple(COLOURS)
 _MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float32).view(1, 3, 1, 1)
@@ -65,6 +66,7 @@ class Recipe:
     symbolic_steps: int = 0
     symbolic_background: int = 24
     symbolic_colour_steps: int = 0
+    symbolic_sparse_steps: int = 0
     symbolic_batch: int = 64
     symbolic_first_kinds: tuple[str, ...] = ("colour",)
     language_steps: int = 900
@@ -178,6 +180,13 @@ class VisionHeads(nn.Module):
                 "none_acc": float((s_logits.argmax(-1)[~obj] == 0).float().mean()),
             }
         return l_colour + l_shape + l_row + l_col + l_rgb, stats
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """``params`` without repeats, in order: with tied word embeddings ``lm_head`` shares the
+    embedding matrix, which the optimiser must update once per step, not twice."""
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -318,7 +327,7 @@ def train_symbolic(model: transformers.LlavaForConditionalGeneration, processor:
     look a shape up and read its colour and side quickly, as a text model would on scene
     descriptions; no loss looks at attention."""
     tokenizer = processor.tokenizer
-    params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    params = _unique(list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
     opt = torch.optim.AdamW(params, lr=recipe.language_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(recipe.seed + 3000)
     rng = np.random.default_rng([recipe.seed, 3001])
@@ -334,11 +343,12 @@ def train_symbolic(model: transformers.LlavaForConditionalGeneration, processor:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe.symbolic_steps, recipe.language_lr, recipe.warmup)
         first = step < recipe.symbolic_colour_steps
+        sparse = first or step < recipe.symbolic_sparse_steps
         index, items = _questions(pool, rng, recipe.symbolic_batch, recipe.symbolic_first_kinds if first else KINDS)
         idx = torch.tensor(index)
         labels = {key: v[idx] for key, v in labels_all.items()}
         obj = labels["obj"]  # [B, 256]
-        if first:  # one token per object: its first labelled patch
+        if sparse:  # one token per object: its first labelled patch
             owner = labels["object"]
             first_patch = torch.zeros_like(obj)
             for b in range(len(items)):
@@ -393,8 +403,8 @@ def train_language(model: transformers.LlavaForConditionalGeneration, processor:
     tokenizer = processor.tokenizer
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters()) \
-        + list(model.lm_head.parameters())
+    params = _unique(list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
+                     + list(model.lm_head.parameters()))
     opt = torch.optim.AdamW(params, lr=recipe.language_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(recipe.seed + 2000)
     rng = np.random.default_rng([recipe.seed, 2001])
@@ -481,6 +491,37 @@ def train(recipe: Recipe, log: Callable[[str], None] = print
     return model.eval(), processor, timings
 
 
+#: Held-out test items whose predictions ``training.json`` lists, for a fast exact regression check.
+CHECK_ITEMS = 32
+
+
+def held_out_figures(model: transformers.LlavaForConditionalGeneration, processor: transformers.LlavaProcessor,
+                     n_val: int, log: Callable[[str], None] = print) -> dict[str, object]:
+    """Accuracy per question type, unreduced and at 10% of the visual tokens (26 of 256: the
+    object-patch oracle and uniform random), on ``n_val`` items of the ``val`` split and on the 256
+    ``test`` items ``tokred eval --preset proxy`` uses; and the first-token predictions of the first
+    :data:`CHECK_ITEMS` test items (argmax over the vocabulary, the hand-built inputs of
+    :mod:`._inputs`)."""
+    from ._measure import accuracy_by_kind, predictions, select_oracle, select_random
+    from ._scenes import proxy_items
+    from ._task import DEFAULT_ITEMS
+
+    figures: dict[str, object] = {}
+    for split, n in (("val", n_val), ("test", DEFAULT_ITEMS)):
+        items = proxy_items(split, n)
+        figures[split] = {
+            "items": n,
+            "full": accuracy_by_kind(model, processor, items, None),
+            "oracle_10": accuracy_by_kind(model, processor, items, select_oracle(26)),
+            "random_10": accuracy_by_kind(model, processor, items, select_random(26)),
+        }
+        for name, fig in figures[split].items():  # type: ignore[union-attr]
+            if name != "items":
+                log(f"{split} {name}: " + " ".join(f"{k} {v:.3f}" for k, v in fig.items()))
+    figures["check_predictions"] = predictions(model, processor, proxy_items("test", CHECK_ITEMS))
+    return figures
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = Recipe()
     ap = argparse.ArgumentParser(prog="python -m tokred.eval.proxy.train", description=__doc__.split("\n\n")[0])
@@ -488,6 +529,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--pool", type=int, default=defaults.pool, help="training scenes drawn once")
     ap.add_argument("--vision-steps", type=int, default=defaults.vision_steps)
+    ap.add_argument("--symbolic-steps", type=int, default=defaults.symbolic_steps,
+                    help="language-model pretraining steps on symbolic scenes before phase B (0: none)")
+    ap.add_argument("--symbolic-colour-steps", type=int, default=defaults.symbolic_colour_steps,
+                    help="of those, the first steps: colour questions only, one token per object")
+    ap.add_argument("--symbolic-sparse-steps", type=int, default=defaults.symbolic_sparse_steps,
+                    help="the first symbolic steps (colour steps included) with one token per object")
     ap.add_argument("--language-steps", type=int, default=defaults.language_steps)
     ap.add_argument("--vision-batch", type=int, default=defaults.vision_batch)
     ap.add_argument("--language-batch", type=int, default=defaults.language_batch)
@@ -504,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(seed=args.seed, pool=args.pool, vision_steps=args.vision_steps, language_steps=args.language_steps,
+                    symbolic_steps=args.symbolic_steps, symbolic_colour_steps=args.symbolic_colour_steps,
+                    symbolic_sparse_steps=args.symbolic_sparse_steps,
                     vision_batch=args.vision_batch, language_batch=args.language_batch,
                     vision_lr=args.vision_lr, language_lr=args.language_lr,
                     keep_rates=tuple(args.keep_rates), align_weight=args.align_weight)
@@ -517,19 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if args.eval_items:
-        from ._measure import accuracy_by_kind, select_oracle, select_random
-        from ._scenes import proxy_items
-
-        items = proxy_items("val", args.eval_items)
-        figures = {
-            "full": accuracy_by_kind(model, processor, items, None),
-            "oracle_10": accuracy_by_kind(model, processor, items, select_oracle(26)),
-            "random_10": accuracy_by_kind(model, processor, items, select_random(26)),
-        }
-        metadata["val"] = figures
-        for name, fig in figures.items():
-            log(f"val {name}: " + " ".join(f"{k} {v:.3f}" for k, v in fig.items()))
+        metadata.update(held_out_figures(model, processor, args.eval_items, log))
     out = save_proxy(model, processor, args.out, metadata=metadata)
+    # The weights' digest goes in last, so a retraining can be compared with the shipped file bit for bit.
+    metadata["model_sha256"] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    (out / "training.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     log(f"saved to {out} after {timings['total_s']:.0f}s of training")
     return 0
 
