@@ -30,6 +30,7 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.logger import init_logger
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.video_prune import evs
 
@@ -37,6 +38,8 @@ from ._compat import has_torchvision, image_only
 from ._config import engine_choice, split_request_kwargs
 from ._processing import TokredInfoMixin, TokredProcessorMixin, keep_counts
 from ._stage1 import select_image
+
+logger = init_logger(__name__)
 
 __all__ = ["TokredQwen2VLForConditionalGeneration", "TokredQwen2_5_VLForConditionalGeneration"]
 
@@ -107,6 +110,17 @@ class _TokredQwenMixin:
                 "(e.g. 0.5): only then does vLLM hand the kept tokens their original positions "
                 "(recompute_mrope_positions); on Qwen2.5-VL it also prunes videos with EVS"
             )
+        # vLLM 0.32's CPUModelRunner.load_model never sets is_multimodal_pruning_enabled (the GPU
+        # runner's does), so on CPU recompute_mrope_positions is never called: appended position
+        # channels would reach the LLM. There the survivors keep the provisional positions.
+        from vllm.platforms import current_platform
+
+        self.tokred_recomputes_positions = self.is_multimodal_pruning_enabled and not current_platform.is_cpu()
+        if self.tokred_choice is not None and not self.tokred_recomputes_positions:
+            logger.warning(
+                "tokred: vLLM's CPU runner does not call recompute_mrope_positions; kept image tokens get "
+                "provisional M-RoPE positions (the first k cells of their grid), not their original ones"
+            )
 
     # ------------------------------------------------------------------ stage I
 
@@ -128,7 +142,7 @@ class _TokredQwenMixin:
                 indices, image = select_image(stage, image, layout, k)
             else:
                 indices = torch.arange(image.shape[0])
-            if self.is_multimodal_pruning_enabled:
+            if self.tokred_recomputes_positions:
                 positions = _media_positions(grids[i].cpu(), merge)[indices]
                 image = torch.cat([image, positions.to(device=image.device, dtype=image.dtype)], dim=1)
             out.append(image)
@@ -136,7 +150,7 @@ class _TokredQwenMixin:
 
     def _tokred_videos(self, video_input) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
         videos = self._process_video_input(video_input)
-        if not self.is_multimodal_pruning_enabled:
+        if not self.tokred_recomputes_positions:
             return tuple(videos)
         if hasattr(self, "_postprocess_video_embeds_evs"):  # Qwen2.5-VL: its processor pruned them with EVS
             return self._postprocess_video_embeds_evs(videos, video_input)
