@@ -25,7 +25,7 @@ def main():
     from tokred.testing import make_image
     # vLLM's CPU attention has no head_dim-16 kernel: 128 wide / 4 heads = 32.
     over = {"hidden_size": 128, **({"mrope_section": (4, 6, 6)} if fam.startswith("qwen") else {})}
-    path = str(save_tiny_checkpoint(fam, ff"/work/vllm-scratch/tiny-{fam}", **over))
+    path = str(save_tiny_checkpoint(fam, f"/work/vllm-scratch/tiny-{fam}", **over))
     proc = load_processor(path)
     prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]}], add_generation_prompt=True)
     image = make_image(seed=3)
