@@ -1,0 +1,1 @@
+"""Integrations of tokred with inference engines other than ``transformers``' own ``generate``."""
