@@ -156,9 +156,9 @@ class TokredModelMixin:
         if image.run.shape[0] != fields.run:
             raise RuntimeError(f"tokred: the encoder gave {image.run.shape[0]} embeddings for an image the processor "
                                f"counted {fields.run} placeholders for")
-        kept, reduction = reduce_image(fields.config, image.run, keep=fields.keep, layout=image.layout,
+        kept, reduction = reduce_image(fields.config.schedule(), image.run, keep=fields.keep, layout=image.layout,
                                        candidates=image.candidates, cls_attention=image.cls_attention,
-                                       pre_projector=image.pre_projector)
+                                       pre_projector=image.pre_projector, label=fields.config.to_json())
         self.tokred_log.append(reduction)
         if not self.tokred_recompute:
             return kept

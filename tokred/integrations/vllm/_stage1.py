@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ...decisions import check_image_budgets, image_record, select_image_tokens
+from ...decisions import Describe, check_image_budgets, image_record, select_image_tokens
 from ...report import ImageRecord
+from ...schedule import Schedule
 from ...tokens import ImageLayout, VisualTokens
-from ._config import TokredConfig
 
 __all__ = ["Reduction", "ReductionLog", "reduce_image"]
 
@@ -37,7 +37,7 @@ class Reduction:
     """What stage I did to one image inside vLLM.
 
     Attributes:
-        config: the :class:`TokredConfig` as JSON.
+        config: the request's ``TokredConfig`` as JSON.
         record: tokred's :class:`~tokred.report.ImageRecord` (``kept_stage1``: indices into the
             image's ``N`` candidate tokens, increasing; ``sample`` and ``image`` are 0).
         kept_in_run: indices into the image's placeholder run (candidates plus tokens that always
@@ -59,13 +59,14 @@ class ReductionLog(deque):  # type: ignore[type-arg]
         super().__init__(maxlen=maxlen)
 
 
-def reduce_image(config: TokredConfig, run: torch.Tensor, *, keep: int, layout: ImageLayout,
+def reduce_image(schedule: Schedule, run: torch.Tensor, *, keep: int, layout: ImageLayout,
                  candidates: torch.Tensor | None = None, cls_attention: torch.Tensor | None = None,
-                 pre_projector: torch.Tensor | None = None, describe=None) -> tuple[torch.Tensor, Reduction]:  # type: ignore[no-untyped-def]
-    """Stage I of ``config`` on one image.
+                 pre_projector: torch.Tensor | None = None, describe: Describe | None = None,
+                 label: str = "") -> tuple[torch.Tensor, Reduction]:
+    """Stage I of ``schedule`` on one image.
 
     Args:
-        config: the request's tokred config.
+        schedule: the request's schedule (:meth:`TokredConfig.schedule`); its stage I runs.
         run: ``[R, D]`` the embeddings of the image's whole placeholder run, in sequence order.
         keep: the placeholders the processor left for the image (kept candidates plus the tokens
             that always stay); the selection must fill exactly these.
@@ -74,6 +75,7 @@ def reduce_image(config: TokredConfig, run: torch.Tensor, *, keep: int, layout: 
         cls_attention: ``[N]`` vision [CLS] attention per candidate, or ``None``.
         pre_projector: ``[N, D_v]`` vision features before the projector, or ``None``.
         describe: names components in errors (default: the registry's ``describe``).
+        label: what the :class:`Reduction` record names as its config (the config's JSON).
 
     Returns:
         ``(kept, reduction)``: ``kept`` ``[keep, D]`` the embeddings for the placeholders (the
@@ -82,8 +84,9 @@ def reduce_image(config: TokredConfig, run: torch.Tensor, *, keep: int, layout: 
     from ...registry import default_registry
 
     describe = describe or default_registry().describe
-    schedule = config.schedule()
-    stage = config.stage()
+    stage = schedule.selector
+    if stage is None:
+        raise ValueError("reduce_image needs a schedule with a stage-I selector")
     index = torch.arange(run.shape[0]) if candidates is None else candidates.cpu().long()
     n = int(index.numel())
     check_image_budgets(schedule, [], n, f"an image has {n} visual tokens")
@@ -100,7 +103,7 @@ def reduce_image(config: TokredConfig, run: torch.Tensor, *, keep: int, layout: 
     if kept_in_run.numel() != keep:
         raise RuntimeError(
             f"tokred: the processor left {keep} placeholders for an image but stage I keeps {kept_in_run.numel()} "
-            f"tokens ({config.to_json()}); the front end and the worker disagree on the budget"
+            f"tokens ({label or stage.budget.describe()}); the front end and the worker disagree on the budget"
         )
     kept = run[kept_in_run.to(run.device)]
     if selection.features is not None:
@@ -108,4 +111,4 @@ def reduce_image(config: TokredConfig, run: torch.Tensor, *, keep: int, layout: 
         kept = kept.clone()
         kept[slots.to(run.device)] = selection.features.to(device=run.device, dtype=run.dtype)
     record = image_record(0, 0, layout, selection.indices)
-    return kept, Reduction(config.to_json(), record, kept_in_run.tolist(), seconds)
+    return kept, Reduction(label, record, kept_in_run.tolist(), seconds)

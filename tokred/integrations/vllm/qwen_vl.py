@@ -98,10 +98,11 @@ class _TokredQwenMixin(TokredModelMixin):
         return t, h // merge, w // merge
 
     def _tokred_encode(self, kwargs: dict[str, object], wants: frozenset[str]) -> list[EncodedImage]:
+        # vLLM 0.32 keys the parsed inputs "images"/"videos" on Qwen2-VL and "image"/"video" on Qwen2.5-VL.
         parsed = self._parse_and_validate_multimodal_inputs(**kwargs)  # type: ignore[attr-defined]
-        if parsed.get("videos") is not None:
+        if any(key.startswith("video") and value is not None for key, value in parsed.items()):
             raise RuntimeError("tokred: a video reached a tokred engine (the processor refuses them)")
-        image_input = parsed.get("images")
+        image_input = next((value for key, value in parsed.items() if key.startswith("image")), None)
         if image_input is None:
             return []
         embeddings = self._process_image_input(image_input)  # type: ignore[attr-defined]
