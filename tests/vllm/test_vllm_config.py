@@ -126,3 +126,24 @@ def test_engine_args_for_each_family_and_platform() -> None:
         engine_args("InternVLChatModel", cpu=True, method="random")
     with pytest.raises(tokred.ScheduleError):
         engine_args("LlavaForConditionalGeneration", cpu=True, method="todre")
+
+
+def test_the_serving_page_serve_command_uses_the_engine_args_flags() -> None:
+    """docs/serving-vllm.md's ``vllm serve`` block passes exactly what ``engine_args`` gives (CPU)."""
+    import json
+    import re
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).parents[2] / "docs/serving-vllm.md").read_text()
+    block = re.search(r"<!-- vllm:serve-command -->\s*```bash\n(.*?)```", page, re.S)
+    assert block, "docs/serving-vllm.md has no bash block after <!-- vllm:serve-command -->"
+    words = shlex.split(block.group(1).replace("\\\n", " "))
+    assert words[:2] == ["vllm", "serve"]
+    words.remove("--trust-request-mm-kwargs")
+    flags = dict(zip(words[3::2], words[4::2]))
+    overrides = json.loads(flags["--hf-overrides"])
+    expected = engine_args("LlavaForConditionalGeneration", cpu=True, **overrides["tokred"])
+    assert overrides == expected["hf_overrides"]
+    assert float(flags["--video-pruning-rate"]) == expected["video_pruning_rate"]
+    assert flags["--worker-cls"] == expected["worker_cls"]

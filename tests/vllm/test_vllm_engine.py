@@ -316,6 +316,21 @@ def test_vllm_serve(checkpoints: dict[str, Path], tmp_path: Path) -> None:
         assert answer["choices"][0]["token_ids"] == ref["tokens"]
 
 
+def test_the_serving_page_offline_example(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/vllm/offline.py (included in docs/serving-vllm.md): the engine's budget, a request's
+    budget and a request's method, each shortening the prompt by what it says."""
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks/vllm/offline.py"))
+    path = checkpoints["llava"]
+    outputs = example["main"](str(path), _image("llava"), dtype="float32", enforce_eager=True, seed=0,
+                              kv_cache_memory_bytes=256 << 20)
+    gc.collect()
+    full = transformers_reference(path, prompt_for("llava"), [_image("llava")], None, max_new_tokens=1)["prompt_tokens"]
+    assert [len(o.prompt_token_ids) for o in outputs] == [full - 576 + 64, full - 576 + 32, full - 576 + 16]
+    assert capsys.readouterr().out.count("prompt tokens:") == 3
+
+
 def test_the_environment_is_the_tested_one() -> None:
     from tokred.integrations.vllm._compat import TESTED_VLLM
 

