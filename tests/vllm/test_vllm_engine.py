@@ -90,8 +90,15 @@ def engine(path: Path, **kwargs: Any) -> Iterator[LLM]:
     try:
         yield llm
     finally:
-        del llm
-        gc.collect()
+        _shutdown(llm)
+
+
+def _shutdown(llm: LLM) -> None:
+    """Shut the engine down now. Dropping the last reference is not enough: a failed assertion's
+    traceback keeps the test's frame, and the engine with it, alive until pytest lets go of it, and
+    an in-process engine torn down then takes the next engine's distributed state with it."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 def _tokred_engine(path: Path, family: str, **config: Any) -> Any:
@@ -337,9 +344,9 @@ def test_the_serving_page_offline_example(checkpoints: dict[str, Path], capsys: 
 
     example = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks/vllm/offline.py"))
     path = checkpoints["llava"]
-    outputs = example["main"](str(path), _image("llava"), dtype="float32", enforce_eager=True, seed=0,
-                              kv_cache_memory_bytes=256 << 20)
-    gc.collect()
+    outputs, llm = example["main"](str(path), _image("llava"), dtype="float32", enforce_eager=True, seed=0,
+                                   kv_cache_memory_bytes=256 << 20)
+    _shutdown(llm)
     full = transformers_reference(path, prompt_for("llava"), [_image("llava")], None, max_new_tokens=1)["prompt_tokens"]
     assert [len(o.prompt_token_ids) for o in outputs] == [full - 576 + 64, full - 576 + 32, full - 576 + 16]
     assert capsys.readouterr().out.count("prompt tokens:") == 3

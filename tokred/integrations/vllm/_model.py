@@ -143,9 +143,10 @@ class TokredModelMixin:
         fields = pop_image_fields(kwargs)  # type: ignore[arg-type]
         if fields is None:
             embeddings = self._tokred_embed_other(kwargs)  # type: ignore[arg-type]
-            if not self.tokred_recompute:
-                return embeddings
-            return [self._with_shifts(e, torch.zeros(e.shape[0], 3, dtype=torch.long)) for e in embeddings]
+            if self.tokred_config is not None and len(embeddings):
+                # The processor gives every image of a tokred engine its fields and refuses videos.
+                raise RuntimeError("tokred: media without tokred fields reached a tokred engine")
+            return embeddings
         wants: frozenset[str] = frozenset().union(*(f.config.stage().selector.inputs for f in fields))
         images = self._tokred_encode(kwargs, wants)  # type: ignore[arg-type]
         if len(images) != len(fields):
