@@ -12,13 +12,15 @@ gathering, bookkeeping) is the runtime's job, so every method is held to the sam
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from .errors import MethodContractError
 from .tokens import GateState, Selection, VisualTokens
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Component", "Selector", "Gate", "top_k_indices", "check_scores"]
 
@@ -35,6 +37,8 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.topk`` does not promise an order among equal values; a stable descending sort does, and
     deterministic tie-breaking is what makes kept indices reproducible across batch compositions.
     """
+    import torch
+
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [N], got shape {tuple(scores.shape)}")
     order = torch.sort(scores.float(), descending=True, stable=True).indices
@@ -47,11 +51,14 @@ def check_scores(scores: object, n: int, *, who: str) -> torch.Tensor:
     A score is one real number per token: a 1-D floating-point or integer tensor of length ``n``
     with no NaN or infinity. Anything else would be ranked silently wrong (a score of length
     ``n - 1`` can never keep token ``n - 1``; NaN sorts arbitrarily), so it is refused."""
+    import torch
+
+    integer_dtypes = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
     if not isinstance(scores, torch.Tensor):
         raise MethodContractError(f"{who} returned {type(scores).__name__}, expected a tensor of shape ({n},)")
     if scores.shape != (n,):
         raise MethodContractError(f"{who} returned shape {tuple(scores.shape)}, expected ({n},): one score per token")
-    if not (scores.is_floating_point() or scores.dtype in _INTEGER_DTYPES):  # bool and complex are not scores
+    if not (scores.is_floating_point() or scores.dtype in integer_dtypes):  # bool and complex are not scores
         raise MethodContractError(f"{who} returned dtype {scores.dtype}, expected a real floating-point or integer tensor")
     if scores.is_floating_point():
         bad = ~torch.isfinite(scores)
@@ -64,9 +71,6 @@ def check_scores(scores: object, n: int, *, who: str) -> torch.Tensor:
     return scores
 
 
-_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
 class Selector(Component):
     """Stage I: chooses which visual tokens of one image enter the language model.
 
@@ -76,7 +80,10 @@ class Selector(Component):
     """
 
     #: Optional inputs the selector reads; the runtime captures only these. Possible values:
-    #: ``"cls_attention"`` (vision [CLS] -> patch attention) and ``"pre_projector"`` features.
+    #: ``"cls_attention"`` (vision [CLS] -> patch attention), ``"pre_projector"`` features (with
+    #: them, :attr:`VisualTokens.project`, the model's projector), ``"vision_keys"`` (the vision
+    #: encoder's key states at the [CLS]-attention layer) and ``"instruction_embeddings"`` (always
+    #: filled; listing it declares that the selection depends on the prompt's text).
     #: A selector gets ``None`` for an input the model cannot provide and falls back as it documents,
     #: unless the input is also in :meth:`required_inputs`.
     inputs: ClassVar[frozenset[str]] = frozenset()
@@ -119,12 +126,27 @@ class Gate(Component):
     #: Whether the gate needs a budget. All-or-none gates (ToDRE's) set this to ``False``.
     requires_budget: ClassVar[bool] = True
 
+    #: Which layer's attention :meth:`GateState.attention` and :meth:`GateState.keys` read:
+    #:
+    #: * ``"previous"`` (default; FastV's convention): layer ``l - 1``, observed while it runs, at
+    #:   no extra cost;
+    #: * ``"own"``: the gate's layer ``l`` itself, on the hidden states entering it (before this
+    #:   gate drops anything): the runtime runs that layer's input normalisation and attention
+    #:   module once more, under the observer and without the KV cache, before the gate decides.
+    #:   That is the attention the first layer after the drop would compute (PyramidDrop's score);
+    #:   it costs one attention block over the current sequence per gate.
+    #:
+    #: A subclass may override it as a property that depends on its options.
+    attention_layer: ClassVar[Literal["previous", "own"]] = "previous"
+
     def score(self, state: GateState) -> torch.Tensor:
         """Importance of each alive visual token: ``[V]`` float, higher is kept."""
         raise NotImplementedError(f"{type(self).__name__} must override score() or select()")
 
     def select(self, state: GateState) -> torch.Tensor:
         """Alive-relative indices ``[k]`` (into ``0..V-1``) of the visual tokens that stay."""
+        import torch
+
         if state.keep_per_image is None:
             raise NotImplementedError(f"{type(self).__name__} has no budget; it must override select()")
         scores = check_scores(self.score(state), state.num_visual, who=f"{type(self).__name__}.score").detach().float().cpu()

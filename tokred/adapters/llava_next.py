@@ -22,7 +22,8 @@ Newline tokens (option ``newline_tokens``):
   was trained on; a fully pruned row leaves its newline behind.
 * ``"prune"``: they are candidates like any visual token (``layout.extra`` marks them; their
   ``row``/``col`` are -1 and their tile is that of the row's last cell). They carry no [CLS]
-  attention (0) and no pre-projector features, so that input is not offered in this mode.
+  attention (0) and no pre-projector features or vision keys, so those inputs are not offered in
+  this mode.
 
 [CLS] attention is computed per encoder row (thumbnail and each tile attend within themselves, at
 the feature layer the projector reads) and gathered onto the tokens: each token gets the attention
@@ -39,10 +40,7 @@ one answer, tokred raises instead of guessing.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal, Mapping
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from .. import compat
 from ..compat import Keyword
@@ -50,6 +48,10 @@ from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
 from .base import ImageSpan, VisionProbes, split_image_tokens
 from .llava import LlavaAdapter
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = ["LlavaNextAdapter", "anyres_layout"]
 
@@ -72,6 +74,8 @@ def anyres_layout(tiles_high: int, tiles_wide: int, side: int, image_size: tuple
         ``(layout, probe_cells)``: the layout (``extra`` marks newline tokens) and ``[N]`` long,
         each token's cell in the image's encoder rows (``row * s * s + cell``; -1 for newlines).
     """
+    import torch
+
     unpad_image = compat.modeling_function("llava_next.modeling_llava_next", "unpad_image")
 
     height, width = tiles_high * side, tiles_wide * side
@@ -138,8 +142,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def available_inputs(self) -> frozenset[str]:
         inputs = super().available_inputs()
-        # Newline tokens have no vision-side features; zeros would be made-up data.
-        return inputs - {"pre_projector"} if self.newline_tokens == "prune" else inputs
+        # Newline tokens have no vision-side features or keys; zeros would be made-up data.
+        return inputs - {"pre_projector", "vision_keys"} if self.newline_tokens == "prune" else inputs
 
     # ------------------------------------------------------------------ layout
 
@@ -202,6 +206,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return result
 
     def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        import torch
+
         if not bool((input_ids == self.image_token_id()).any()):
             return []
         layouts = self._layouts(inputs)

@@ -33,15 +33,16 @@ them say so).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .. import compat
 from ..compat import Keyword
 from ..errors import RuntimeStateError, ScheduleError
 from ..tokens import ImageLayout
 from .base import Adapter, ImageSpan, VisionProbes, split_image_tokens
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "merged_layout"]
 
@@ -65,9 +66,11 @@ class QwenVLAdapter(Adapter):
         return int(self.model.config.vision_config.spatial_merge_size)  # type: ignore[union-attr]
 
     def available_inputs(self) -> frozenset[str]:
-        """None: Qwen's vision towers have no [CLS] token, so there is no [CLS] attention, and
-        pre-projector features are not captured (the 2x2 merger sees four patches per token, in
-        window order on Qwen2.5-VL). Selectors get ``None`` for both and fall back as they document."""
+        """None: Qwen's vision towers have no [CLS] token, so there is no [CLS] attention (nor the
+        vision keys of a [CLS]-attention layer), and pre-projector features are not captured (the
+        2x2 merger sees four patches per token, in window order on Qwen2.5-VL), so there is no
+        projector of single tokens either. Selectors get ``None`` for these and fall back as they
+        document, or refuse the model through :meth:`~tokred.Selector.required_inputs`."""
         return frozenset()
 
     # ------------------------------------------------------------------ images
@@ -168,6 +171,8 @@ class QwenVLAdapter(Adapter):
         Measured on 5.23: the unmodified model takes the mask's cumsum over *all* columns and then
         fails on the shape mismatch; the last ``num_new`` columns are what it means to compute.
         """
+        import torch
+
         if attention_mask is not None:
             counted = attention_mask.long().cumsum(-1) - 1
             steps = counted[:, -num_new:].masked_fill(attention_mask[:, -num_new:] == 0, 0).to(device)   # [B, n]
@@ -250,6 +255,8 @@ def _reduce_visual_mask(mask: torch.Tensor, index: torch.Tensor) -> tuple[torch.
     Returns the new mask ``[B, L']`` and ``rows`` ``[V']``: for each ``True`` of the new mask in
     row-major order, the row of the old mask's row-major ``True`` list it came from (how per-visual
     tensors such as deepstack features are gathered alike)."""
+    import torch
+
     index = index.to(mask.device)
     valid = index >= 0
     safe = index.clamp(min=0)

@@ -8,6 +8,7 @@ property (see :mod:`tokred.testing._checks`) on every registered adapter that ha
 from ._checks import (
     CHECKS,
     ConformanceError,
+    Refusal,
     check_method,
     conformance_cases,
     parametrize_with_checks,
@@ -18,5 +19,5 @@ from ._tiny import FAMILIES, make_image, tiny_model
 
 __all__ = [
     "FAMILIES", "make_image", "tiny_model", "tiny_inputs", "make_visual_tokens", "make_gate_state",
-    "CHECKS", "ConformanceError", "check_method", "conformance_cases", "parametrize_with_checks",
+    "CHECKS", "ConformanceError", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
 ]
