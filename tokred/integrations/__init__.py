@@ -11,3 +11,4 @@ so ``import tokred`` never needs them:
 * :mod:`tokred.integrations.vllm`: tokred's selectors inside a `vLLM <https://docs.vllm.ai>`_ engine
   (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL), configured per engine through ``hf_overrides`` and
   per request through ``mm_processor_kwargs`` (``docs/serving-vllm.md``).
+"""

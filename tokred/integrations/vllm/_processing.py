@@ -105,8 +105,6 @@ class TokredProcessorMixin:
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: Any) -> Sequence[Any]:
-        from ._compat import PromptReplacement
-
         updates = super()._get_prompt_updates(  # type: ignore[misc]
             mm_items, split_request_kwargs(hf_processor_mm_kwargs)[1], out_mm_kwargs)
         items = out_mm_kwargs.get("image", []) if hasattr(out_mm_kwargs, "get") else []
