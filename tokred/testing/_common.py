@@ -34,9 +34,10 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def chatml_template(image: str, *, default_system: bool) -> str:
+def chatml_template(image: str, *, default_system: bool, video: str | None = None) -> str:
     """A ChatML template (``<|im_start|>role ... <|im_end|>``, as Qwen-VL and InternVL3 use) that
-    writes ``image`` for each image item, in place, and plain-string content as is.
+    writes ``image`` for each image item and ``video`` for each video item, in place, and
+    plain-string content as is.
 
     ``default_system``: open with "You are a helpful assistant." when the chat has no system message
     (Qwen2-VL, Qwen2.5-VL, InternVL3; Qwen3-VL has none)."""
@@ -51,7 +52,8 @@ def chatml_template(image: str, *, default_system: bool) -> str:
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for content in message['content'] %}"
         "{% if content['type'] == 'image' %}{{ '" + image + "' }}"
-        "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+        + ("{% elif content['type'] == 'video' %}{{ '" + video + "' }}" if video is not None else "")
+        + "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
         "{% endfor %}{% endif %}"
         "{{ '<|im_end|>\n' }}"
         "{% endfor %}"

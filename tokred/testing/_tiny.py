@@ -144,6 +144,13 @@ _BUILDERS: dict[str, tuple[_Builder, dict[str, Any]]] = {
 #: ``qwen3_vl``, ``internvl`` (one per registered adapter of the core).
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
+#: The families whose tiny processors also take ``videos=`` (a torch-only video processor in place
+#: of the torchvision-bound one; see :mod:`tokred.testing._video`).
+VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+#: ``adapter_options`` a family's adapter needs to see a video as a video.
+VIDEO_ADAPTER_OPTIONS: dict[str, dict[str, Any]] = {}
+
 
 def tiny_model(
     family: str = "llava", *, attn_implementation: str = "sdpa", seed: int = 0, **overrides: Any
