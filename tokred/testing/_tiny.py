@@ -23,6 +23,7 @@ from ._common import LLAVA_CHAT_TEMPLATE, TINY_LANGUAGE_MODEL
 
 from ._tiny_qwen import QWEN_BUILDERS
 from ._tiny_tiled import TILED_BUILDERS
+from ._tiny_video import VIDEO_MODEL_BUILDERS
 
 __all__ = ["FAMILIES", "make_image", "tiny_model"]
 
@@ -138,6 +139,7 @@ _BUILDERS: dict[str, tuple[_Builder, dict[str, Any]]] = {
     "llava_next": TILED_BUILDERS["llava_next"],
     **QWEN_BUILDERS,
     "internvl": TILED_BUILDERS["internvl"],
+    **VIDEO_MODEL_BUILDERS,
 }
 
 #: The families :func:`tiny_model` can build: ``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``,
@@ -146,7 +148,7 @@ FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 #: The families whose tiny processors also take ``videos=`` (a torch-only video processor in place
 #: of the torchvision-bound one; see :mod:`tokred.testing._video`).
-VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 
 #: ``adapter_options`` a family's adapter needs to see a video as a video.
 VIDEO_ADAPTER_OPTIONS: dict[str, dict[str, Any]] = {}

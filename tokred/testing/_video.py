@@ -188,6 +188,8 @@ class TinyFramesVideoProcessor(BaseVideoProcessor):
     """
 
     model_input_names = ["pixel_values_videos"]
+    #: The videos of one call are stacked into one tensor, so they need equal frame counts.
+    stacks_frames = True
 
     def __init__(self, *, size: int, image_mean: Sequence[float], image_std: Sequence[float],
                  fps: float = DEFAULT_FPS) -> None:
