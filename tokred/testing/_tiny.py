@@ -148,10 +148,11 @@ FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 #: The families whose tiny processors also take ``videos=`` (a torch-only video processor in place
 #: of the torchvision-bound one; see :mod:`tokred.testing._video`).
-VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video")
+VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video", "internvl")
 
-#: ``adapter_options`` a family's adapter needs to see a video as a video.
-VIDEO_ADAPTER_OPTIONS: dict[str, dict[str, Any]] = {}
+#: ``adapter_options`` a family's adapter needs to see a video as a video (InternVL's processor writes
+#: a video's frames as one-tile images, which the model cannot tell from images).
+VIDEO_ADAPTER_OPTIONS: dict[str, dict[str, Any]] = {"internvl": {"frames_as_video": True}}
 
 
 def tiny_model(
