@@ -133,13 +133,16 @@ def tiny_video_inputs(processor: Any, prompts: Sequence[str], videos_per_prompt:
         first_prompt: the number of the first prompt (seeds and frame counts), as in :func:`tiny_inputs`.
         size: ``(width, height)`` of every frame before the processor resizes it.
 
-    Prompt ``i``'s clips are seeded ``10 * (first_prompt + i) + j``, its images like :func:`tiny_inputs`."""
+    Prompt ``i``'s clips are seeded ``10 * (first_prompt + i) + j``, its images like :func:`tiny_inputs`;
+    the images go to the processor as one list per prompt (LLaVA-OneVision lays out the images of a
+    multi-image prompt without tiles)."""
     texts, images, videos = [], [], []
     for i, prompt in enumerate(prompts, start=first_prompt):
         content = ([{"type": "image"}] * images_per_prompt + [{"type": "video"}] * videos_per_prompt
                    + [{"type": "text", "text": prompt}])
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        images += [make_image(seed=10 * i + j) for j in range(images_per_prompt)]
+        if images_per_prompt:  # nested per prompt: processors that lay out multi-image prompts differently see them
+            images.append([make_image(seed=10 * i + j) for j in range(images_per_prompt)])
         count = frames if isinstance(frames, int) else frames[i]
         videos += [make_video(count, *size, seed=10 * i + j) for j in range(videos_per_prompt)]
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
