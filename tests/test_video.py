@@ -298,3 +298,27 @@ def test_frames_of_different_lengths_in_one_stacked_call_are_refused_by_the_proc
     _, processor = tiny_model("llava_onevision")
     with pytest.raises(ValueError, match="same number of frames"):
         processor.video_processor([make_video(2), make_video(3)])
+
+
+# ------------------------------------------------------------------------------------ pictures
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "internvl"])
+def test_show_draws_a_video_as_a_strip_of_frames(family: str) -> None:
+    from tokred.show import show
+
+    model, processor = tiny_model(family)
+    clip = make_video(8, 224, 224, seed=1)
+    image = make_image()
+    content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What moves?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = {k: v for k, v in processor(text=[text], images=[[image]], videos=[clip], return_tensors="pt").items()
+              if k != "video_metadata"}
+    figure = show(model, processor, inputs, tokred.create("random", keep_ratio=0.25), [image, clip], title="x",
+                  adapter_options=VIDEO_ADAPTER_OPTIONS.get(family))
+    frames = [p for p in figure.panels if p.image == 1 and p.stage == "entering"]
+    expected = 4 if family.startswith("qwen") else 8          # Qwen-VL merges two sampled frames into one
+    assert [p.tile for p in frames] == list(range(expected))
+    assert sum(p.kept for p in frames) == round(0.25 * sum(p.grid[0] * p.grid[1] for p in frames))
+    tops = {p.box[1] for p in frames}
+    assert len(tops) == 1                                      # one row: a strip

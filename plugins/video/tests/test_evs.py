@@ -50,8 +50,13 @@ def test_the_first_frame_goes_first_then_what_changed_most() -> None:
 def test_fewer_tokens_than_one_frame_are_spread_evenly_not_the_top_rows() -> None:
     tokens = make_visual_tokens(torch.randn(576, 16), grid=(24, 24))   # a still image, no frames
     kept = EVSSelector().select(tokens, 4).sort().values
-    assert kept.tolist() == [72, 216, 360, 504]  # the middle of each quarter of the raster order
+    assert [(int(i) // 24, int(i) % 24) for i in kept] == [(6, 6), (6, 18), (18, 6), (18, 18)]  # a 2 x 2 lattice
+    kept = EVSSelector().select(tokens, 144)
+    rows, cols = kept // 24, kept % 24
+    assert torch.bincount(rows, minlength=24).tolist() == [0, 12] * 12   # every other row, every other column
+    assert torch.bincount(cols, minlength=24).tolist() == [0, 12] * 12
     assert spread_evenly(torch.arange(10), 10).tolist() == list(range(10))
+    assert spread_evenly(torch.arange(10), 2).tolist() == [2, 7]          # without a layout: 1-D strata
     with pytest.raises(ValueError, match="cannot spread"):
         spread_evenly(torch.arange(3), 4)
 

@@ -20,10 +20,9 @@ How tokred's version relates to vLLM's, and what is ours:
 * **Fewer tokens than one frame (ours).** vLLM never keeps fewer than one frame's tokens, so the
   order among the first frame's tokens never matters there. A tokred budget may be smaller (10% of
   a 4-frame clip is less than one frame), and a still image has no previous frame at all. Then the
-  ``k`` kept tokens without a previous frame are spread evenly over them in raster order: the
-  middle token of each of ``k`` equal strata (``floor((j + 0.5) * m / k)``), not the first ``k``
-  (which would be the top rows of the picture). With ``k`` at least their number, this changes
-  nothing.
+  ``k`` kept tokens without a previous frame are spread evenly over them (:func:`spread_evenly`:
+  a lattice of stratum centres over each tile's rows and columns), not the first ``k`` (which would
+  be the top rows of the picture). With ``k`` at least their number, this changes nothing.
 * **Frames of different grids (ours).** A token whose previous frame has no cell at the same
   ``(row, col)`` counts as having no previous frame. Tokens that are not grid cells
   (``layout.extra``: LLaVA-OneVision's newline after a video, when ``newline_tokens="prune"``) score
@@ -37,9 +36,13 @@ How tokred's version relates to vLLM's, and what is ours:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field, model_validator
-from tokred import BudgetOptions, Method, OptionsError, Schedule, Selector, SelectorStage, VisualTokens, top_k_indices
+from tokred import (
+    BudgetOptions, ImageLayout, Method, OptionsError, Schedule, Selector, SelectorStage, VisualTokens, top_k_indices,
+)
 from tokred.budget import split_proportionally
 
 __all__ = ["NO_PREVIOUS_FRAME", "EVSSelector", "EVSMethod", "evs_scores", "previous_cell", "spread_evenly"]
@@ -92,24 +95,57 @@ def evs_scores(tokens: VisualTokens) -> torch.Tensor:
     return scores
 
 
-def spread_evenly(candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """``k`` of ``candidates`` ``[m]`` (``k <= m``), evenly spread: the middle element of each of
-    ``k`` equal strata, ``floor((j + 0.5) * m / k)`` for ``j = 0 .. k-1`` (distinct, in order)."""
+def spread_evenly(candidates: torch.Tensor, k: int, layout: ImageLayout | None = None) -> torch.Tensor:
+    """``k`` of ``candidates`` ``[m]`` (increasing token indices, ``k <= m``), evenly spread.
+
+    Without a layout (or where the candidates' cells do not form a tile's full grid): the middle
+    element of each of ``k`` equal strata of the candidates, ``floor((j + 0.5) * m / k)``. With one:
+    ``k`` split over the candidates' tiles in proportion to their sizes, and within a tile of
+    ``R x C`` cells a lattice of about ``k`` stratum centres spread over rows and columns alike (on a
+    plain raster order, a spacing that divides the row width would keep whole columns)."""
     m = candidates.numel()
     if k > m:
         raise ValueError(f"cannot spread {k} picks over {m} candidates")
-    strata = ((torch.arange(k, dtype=torch.float64) + 0.5) * m / k).floor().long()
-    return candidates[strata]
+    if layout is None:
+        return candidates[_strata(m, k)]
+    tiles = layout.tile[candidates]
+    present = torch.unique(tiles)
+    groups = [candidates[tiles == tile] for tile in present.tolist()]
+    shares = split_proportionally(k, [g.numel() for g in groups])
+    picked = [_spread_in_tile(group, share, layout, int(tile)) for group, share, tile in zip(groups, shares, present.tolist())]
+    return torch.cat(picked) if picked else candidates[:0]
 
 
-def _top(scores: torch.Tensor, members: torch.Tensor, k: int) -> torch.Tensor:
+def _strata(m: int, k: int) -> torch.Tensor:
+    return ((torch.arange(k, dtype=torch.float64) + 0.5) * m / k).floor().long()
+
+
+def _spread_in_tile(group: torch.Tensor, k: int, layout: ImageLayout, tile: int) -> torch.Tensor:
+    rows, cols = layout.grids[tile]
+    if k == 0:
+        return group[:0]
+    if group.numel() != rows * cols:  # a cropped grid or extra tokens: stratify the raster order
+        return group[_strata(group.numel(), k)]
+    cell = layout.row[group].long() * cols + layout.col[group].long()
+    lookup = torch.full((rows * cols,), -1, dtype=torch.long)
+    lookup[cell] = group
+    a = min(rows, max(1, round(math.sqrt(k * rows / cols))))
+    b = min(cols, math.ceil(k / a))
+    a = min(rows, math.ceil(k / b))
+    centre_rows = ((torch.arange(a, dtype=torch.float64) + 0.5) * rows / a).floor().long()
+    centre_cols = ((torch.arange(b, dtype=torch.float64) + 0.5) * cols / b).floor().long()
+    lattice = (centre_rows[:, None] * cols + centre_cols[None, :]).flatten()     # [a * b >= k], row-major
+    return lookup[lattice[_strata(lattice.numel(), k)]]
+
+
+def _top(scores: torch.Tensor, members: torch.Tensor, k: int, layout: ImageLayout) -> torch.Tensor:
     """``k`` of ``members`` by descending score (stable), tokens without a previous frame first and,
     when they alone exceed ``k``, spread evenly among themselves."""
     if k == 0:
         return members[:0]
     first = members[scores[members] == NO_PREVIOUS_FRAME]
     if k < first.numel():
-        return spread_evenly(first, k)
+        return spread_evenly(first, k, layout)
     return members[top_k_indices(scores[members], k)]
 
 
@@ -135,12 +171,12 @@ class EVSSelector(Selector):
         everything = torch.arange(tokens.num_tokens)
         layout = tokens.layout
         if not self.per_frame or layout.frame is None:
-            return _top(scores, everything, k)
+            return _top(scores, everything, k, layout)
         frame = layout.frame.long().cpu()
         frames = int(frame.max()) + 1 if frame.numel() else 0
         members = [everything[frame == f] for f in range(frames)]
         shares = split_proportionally(k, [m.numel() for m in members])
-        return torch.cat([_top(scores, m, share) for m, share in zip(members, shares)])
+        return torch.cat([_top(scores, m, share, layout) for m, share in zip(members, shares)])
 
 
 class EVSMethod(BudgetOptions, Method):
