@@ -628,6 +628,32 @@ def _prompt_inputs(processor: Any, model: Any, device: torch.device, images: lis
     return processor(images=images, text=text, return_tensors="pt").to(device=device, dtype=model.dtype)
 
 
+def _video_preset(args: argparse.Namespace) -> Any:
+    """The ``--preset`` if it is a video preset (its prompt holds a synthetic clip), else ``None``."""
+    preset = PRESETS.get(args.preset) if args.preset else None
+    return preset if preset is not None and preset.video_frames is not None else None
+
+
+def _images_for(args: argparse.Namespace) -> list[Image.Image]:
+    """``--image`` files or the synthetic image; a video preset takes none."""
+    preset = _video_preset(args)
+    if preset is not None and args.image:
+        raise CommandError(f"preset {preset.name!r} prompts with its own synthetic {preset.video_frames}-frame clip; "
+                           "--image does not apply to it")
+    return _images_or_synthetic(args.image)
+
+
+def _preset_or_prompt_inputs(args: argparse.Namespace, processor: Any, model: Any, device: torch.device,
+                             images: list[Image.Image]) -> tuple[Any, list[Any]]:
+    """``(inputs, pictures)``: a video preset's prompt with its synthetic clip (pictures: the clip's
+    frames), else the prompt with ``images``."""
+    preset = _video_preset(args)
+    if preset is None:
+        return _prompt_inputs(processor, model, device, images, args.prompt), list(images)
+    inputs, clip = preset.video_prompt(processor, args.prompt)
+    return inputs.to(device=device, dtype=model.dtype), [clip]
+
+
 def _matching(names: Callable[[str], list[str]], patterns: Sequence[str], what: str) -> list[str]:
     """Registered names matching ``patterns`` (names or fnmatch globs), in the order given."""
     found: list[str] = []
@@ -719,9 +745,9 @@ def _cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
         Contender(name, f"{kind}={value:g}", registry.create(name, **{**options, kind: value}), budget_value=value)
         for name in _matching(registry.list_methods, args.methods, "method") for kind, value in budgets
     ]
-    images = _images_or_synthetic(args.image)
+    images = _images_for(args)
     model, processor, device, name = _load_model_source(args)
-    inputs = _prompt_inputs(processor, model, device, images, args.prompt)
+    inputs, _ = _preset_or_prompt_inputs(args, processor, model, device, images)
     bench = Bench(model, inputs, contenders, registry=registry, new_tokens=args.new_tokens, repeats=args.repeats,
                   memory=not args.no_memory, model_name=name)
     progress = _Progress(bench.total_steps, sys.stderr)
@@ -832,9 +858,9 @@ def _add_show(commands: Any) -> None:
 
 def _cmd_show(args: argparse.Namespace, registry: Registry) -> int:
     method = registry.create(args.method, **_method_options(args))
-    images = _images_or_synthetic(args.image)
+    images = _images_for(args)
     model, processor, device, name = _load_model_source(args)
-    inputs = _prompt_inputs(processor, model, device, images, args.prompt)
+    inputs, images = _preset_or_prompt_inputs(args, processor, model, device, images)
     budget = next((f"{k}={v:g}" for k, v in (("keep", args.keep), ("keep_ratio", args.keep_ratio)) if v is not None),
                   "default budget")
     figure = show(model, processor, inputs, method, images, title=f"{args.method} ({budget}) on {name}", registry=registry)

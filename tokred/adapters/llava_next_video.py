@@ -94,7 +94,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         features = getattr(encoded, "pooler_output", None)
         if features is None:
             return None
-        return [int(f.shape[0]) // per_frame for f in features]
+        return [(f.numel() // int(f.shape[-1])) // per_frame for f in features]  # tokens, whatever the nesting
 
     # ------------------------------------------------------------------- spans
 

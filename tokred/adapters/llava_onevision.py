@@ -174,7 +174,7 @@ class LlavaOnevisionAdapter(Adapter):
 
     def _video_frames(self, inputs: Mapping[str, Any], per_frame: int) -> list[int] | None:
         """Frames of every video, in encoder order: from ``pixel_values_videos`` ``[videos, F, ...]`` or
-        from the features ``generate`` computed (``[videos, F * q * q + 1, D]``); ``None`` without videos."""
+        from the features ``generate`` computed (``[videos, F * q * q + 1, D]``, 5.23+); ``None`` without videos."""
         pixels = inputs.get(Keyword.PIXEL_VALUES_VIDEOS)
         if pixels is not None:
             return [int(pixels.shape[1])] * int(pixels.shape[0])
@@ -182,7 +182,9 @@ class LlavaOnevisionAdapter(Adapter):
         features = getattr(encoded, "pooler_output", None)
         if features is None:
             return None
-        return [(int(f.shape[0]) - 1) // per_frame for f in features]
+        # 5.23+ append the video's newline to these features, earlier releases in the forward: either way
+        # a whole number of frames and at most one token more.
+        return [(f.numel() // int(f.shape[-1])) // per_frame for f in features]  # tokens, whatever the nesting
 
     # ------------------------------------------------------------------- spans
 
