@@ -275,24 +275,39 @@ def test_lmms_eval_loglikelihood_matches_a_direct_forward(tiny_setup) -> None:
     assert [r.text[0] for r in reduced.loglikelihood(requests)] == pytest.approx([g[0] for g in got], rel=1e-5)
 
 
-def test_misaligned_logits_fail_loudly(tiny_setup) -> None:
-    """Scoring refuses logits whose length is not what the run implies, instead of reading the
-    wrong positions."""
-    import torch
+def _eval_task(tasks: Path):  # type: ignore[no-untyped-def]
+    """The tiny dataset as a ``tokred eval`` task: the same images, questions and choices."""
+    import datasets
 
-    from tokred.integrations.lmms_eval import TokredLMM
+    from tokred.eval import Task, TaskItem
 
-    model_dir, _, _ = tiny_setup
-    from PIL import Image
+    rows = datasets.load_from_disk(str(tasks.parent / "data"))["test"]
+    return Task.from_items("tiny", [TaskItem(str(i), (row["image"],), row["question"], row["answer"], COLOURS)
+                                    for i, row in enumerate(rows)])
 
-    lm = TokredLMM.create_from_arg_string(f"pretrained={model_dir},method=random,keep=64")
-    batch = lm._encode([lm._prompt("What colour is it? red", 1)], [[Image.new("RGB", (336, 336))]], [0])
-    with lm._run() as run, torch.no_grad():
-        logits = lm.model(**batch.inputs, use_cache=False).logits
-        assert logits.shape[1] == batch.inputs["input_ids"].shape[1] - (576 - 64)
-        lm._score(batch, logits, [2], run, run.report.prefills - 1)  # consistent: scores
-        with pytest.raises(RuntimeError, match="refusing to score misaligned"):
-            lm._score(batch, logits[:, 1:], [2], run, run.report.prefills - 1)
+
+@pytest.mark.parametrize("method_args", ["", "method=random,keep=64", "method=fastv,keep=64"])
+def test_lmms_eval_gives_the_accuracy_tokred_eval_gives(tiny_setup, method_args: str) -> None:
+    """The same items, the same model, the same method: lmms-eval's multiple-choice ``acc`` equals
+    ``tokred eval``'s accuracy by log-likelihood, item by item (fastv's gate decides on the prompt
+    in both, never on the choice it scores)."""
+    import transformers
+
+    import tokred
+    from tokred.eval import evaluate
+
+    model_dir, tasks, root = tiny_setup
+    runs = _run_in_process({"run": f"pretrained={model_dir}" + (f",{method_args}" if method_args else "")},
+                           tasks, _offline_env(root / "hf-home"), cwd=root)
+    lmms_samples = {s["doc_id"]: s["acc"] for s in runs["run"]["samples"][MC_TASK]}
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = transformers.AutoProcessor.from_pretrained(model_dir, backend="pil")
+    methods = [] if not method_args else [tokred.create(method_args.split(",")[0].split("=")[1], keep=64)]
+    result = evaluate(model, processor, _eval_task(tasks), methods, timing_rounds=0, batch_size=3)
+    row = result.results[-1]
+    ours = {int(p.item): float(p.correct) for p in result.predictions if p.setting == row.setting.label}
+    assert ours == lmms_samples
+    assert row.accuracy == pytest.approx(_metric(runs["run"]["results"], MC_TASK, "acc"))
 
 
 def test_model_args_parsing() -> None:

@@ -11,11 +11,9 @@ Quick start::
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .adapters.base import Adapter, ImageSpan, VisionProbes
-from .budget import Budget
-from .components import Gate, Selector, check_scores, top_k_indices
 from .errors import (
     BudgetError,
     MethodContractError,
@@ -28,12 +26,45 @@ from .errors import (
     UnsupportedModelError,
 )
 from .hookspecs import hookimpl, hookspec
-from .method import BudgetOptions, Method
-from .options import Integer, LayerSpec, Number
-from .registry import Registry, default_registry
-from .runtime import Run, RunReport, apply
-from .schedule import GateStage, Schedule, SelectorStage
-from .tokens import GateState, ImageLayout, Selection, VisualTokens
+
+if TYPE_CHECKING:
+    from .adapters.base import Adapter, ImageSpan, VisionProbes
+    from .budget import Budget
+    from .components import Gate, Selector, check_scores, top_k_indices
+    from .method import BudgetOptions, Method
+    from .options import Integer, LayerSpec, Number
+    from .registry import Registry, default_registry
+    from .runtime import Run, RunReport, apply
+    from .schedule import GateStage, Schedule, SelectorStage
+    from .tokens import GateState, ImageLayout, Selection, VisualTokens
+
+# Imported on first use (PEP 562), so that `import tokred` (and `tokred --help`) imports neither
+# torch nor pydantic; `from tokred import Run` and `tokred.Run` work as if imported above. One line
+# per module, as the imports above.
+_LAZY = {name: module for module, names in {
+    ".adapters.base": ("Adapter", "ImageSpan", "VisionProbes"),
+    ".budget": ("Budget",),
+    ".components": ("Gate", "Selector", "check_scores", "top_k_indices"),
+    ".method": ("BudgetOptions", "Method"),
+    ".options": ("Integer", "LayerSpec", "Number"),
+    ".registry": ("Registry", "default_registry"),
+    ".runtime": ("Run", "RunReport", "apply"),
+    ".schedule": ("GateStage", "Schedule", "SelectorStage"),
+    ".tokens": ("GateState", "ImageLayout", "Selection", "VisualTokens"),
+}.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups do not come here again
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 __version__ = "0.1.0"
 
@@ -57,21 +88,29 @@ __all__ = [
 
 def list_methods(pattern: str = "*") -> list[str]:
     """Sorted names of the registered methods matching the ``fnmatch`` pattern (e.g. ``"fast*"``)."""
+    from .registry import default_registry
+
     return default_registry().list_methods(pattern)
 
 
 def list_adapters(pattern: str = "*") -> list[str]:
     """Sorted names of the registered model families (adapters)."""
+    from .registry import default_registry
+
     return default_registry().list_adapters(pattern)
 
 
 def list_selectors(pattern: str = "*") -> list[str]:
     """Sorted names of the registered stage-I selectors."""
+    from .registry import default_registry
+
     return default_registry().list_selectors(pattern)
 
 
 def list_gates(pattern: str = "*") -> list[str]:
     """Sorted names of the registered stage-II gates."""
+    from .registry import default_registry
+
     return default_registry().list_gates(pattern)
 
 
@@ -81,4 +120,6 @@ def create(name: str, **options: Any) -> Method:
     Unknown options raise :class:`OptionsError` listing the valid ones; impossible budgets raise
     :class:`BudgetError`. Both happen here, before any model is touched.
     """
+    from .registry import default_registry
+
     return default_registry().create(name, **options)

@@ -12,13 +12,15 @@ gathering, bookkeeping) is the runtime's job, so every method is held to the sam
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from .errors import MethodContractError
 from .tokens import GateState, Selection, VisualTokens
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Component", "Selector", "Gate", "top_k_indices", "check_scores"]
 
@@ -35,6 +37,8 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.topk`` does not promise an order among equal values; a stable descending sort does, and
     deterministic tie-breaking is what makes kept indices reproducible across batch compositions.
     """
+    import torch
+
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [N], got shape {tuple(scores.shape)}")
     order = torch.sort(scores.float(), descending=True, stable=True).indices
@@ -47,11 +51,14 @@ def check_scores(scores: object, n: int, *, who: str) -> torch.Tensor:
     A score is one real number per token: a 1-D floating-point or integer tensor of length ``n``
     with no NaN or infinity. Anything else would be ranked silently wrong (a score of length
     ``n - 1`` can never keep token ``n - 1``; NaN sorts arbitrarily), so it is refused."""
+    import torch
+
+    integer_dtypes = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
     if not isinstance(scores, torch.Tensor):
         raise MethodContractError(f"{who} returned {type(scores).__name__}, expected a tensor of shape ({n},)")
     if scores.shape != (n,):
         raise MethodContractError(f"{who} returned shape {tuple(scores.shape)}, expected ({n},): one score per token")
-    if not (scores.is_floating_point() or scores.dtype in _INTEGER_DTYPES):  # bool and complex are not scores
+    if not (scores.is_floating_point() or scores.dtype in integer_dtypes):  # bool and complex are not scores
         raise MethodContractError(f"{who} returned dtype {scores.dtype}, expected a real floating-point or integer tensor")
     if scores.is_floating_point():
         bad = ~torch.isfinite(scores)
@@ -62,9 +69,6 @@ def check_scores(scores: object, n: int, *, who: str) -> torch.Tensor:
                 f"{float(scores[first].detach())}): scores must be finite"
             )
     return scores
-
-
-_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class Selector(Component):
@@ -125,6 +129,8 @@ class Gate(Component):
 
     def select(self, state: GateState) -> torch.Tensor:
         """Alive-relative indices ``[k]`` (into ``0..V-1``) of the visual tokens that stay."""
+        import torch
+
         if state.keep_per_image is None:
             raise NotImplementedError(f"{type(self).__name__} has no budget; it must override select()")
         scores = check_scores(self.score(state), state.num_visual, who=f"{type(self).__name__}.score").detach().float().cpu()

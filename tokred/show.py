@@ -1,8 +1,8 @@
 """Pictures of which visual tokens a method kept (``tokred show``), drawn with Pillow.
 
 For each image of the prompt the figure shows the image as the model saw it (the processor's
-resized and cropped pixels, one panel per tile for tiled models; for a video, a strip of its frames)
-with every visual token's cell:
+resized and cropped pixels; for tiled models one panel per tile, labelled "thumbnail" and "tile 1 (row 0,
+col 0)", ...; for a video a strip of its frames, labelled "frame 1", ...) with every visual token's cell:
 tokens that enter the language model keep their pixels and get a yellow outline, dropped ones are
 darkened. When the method has Gates, a strip below shows, for each gate layer, the tokens still
 alive from that layer on. Tokens that are not grid cells (a vision [CLS] token kept as a visual
@@ -16,6 +16,7 @@ only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -30,8 +31,8 @@ from .runtime import apply
 from .schedule import Schedule
 from .tokens import ImageLayout
 
-__all__ = ["show", "kept_tokens", "kept_figure", "model_view", "ImageKept", "Panel", "KeptFigure", "DIM_COLOUR",
-           "KEPT_OUTLINE"]
+__all__ = ["show", "kept_tokens", "kept_figure", "model_view", "tile_labels", "tile_grid", "ImageKept", "Panel",
+           "KeptFigure", "DIM_COLOUR", "KEPT_OUTLINE"]
 
 #: Dropped cells are blended 70% towards this colour.
 DIM_COLOUR = (20, 20, 20)
@@ -42,6 +43,7 @@ _GAP = 10
 _MARGIN = 12
 _TITLE_HEIGHT = 30
 _CAPTION_HEIGHT = 22
+_LABEL_HEIGHT = 18
 _STRIP_SCALE = 1 / 3
 
 
@@ -55,6 +57,8 @@ class ImageKept:
         entering: indices (into the ``N`` tokens) that entered the language model.
         gates: ``(layer, indices)`` for each gate: the tokens alive from that decoder layer on.
         note: an optional remark for the caption (e.g. that the tiles are approximations).
+        tile_grid: ``(rows, cols)`` of the tiles other than the thumbnail, in row-major order, when
+            known (:func:`tile_grid`); it puts the row and column into the tiles' labels.
     """
 
     tiles: list[Image.Image]
@@ -62,6 +66,7 @@ class ImageKept:
     entering: list[int]
     gates: list[tuple[int, list[int]]] = field(default_factory=list)
     note: str = ""
+    tile_grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class Panel:
         box: ``(left, top, right, bottom)`` pixels of the tile's picture in the figure.
         grid: ``(rows, cols)`` of the tile's token grid.
         kept: how many of the tile's grid cells are drawn as kept.
+        label: what the panel shows: ``"thumbnail"``, ``"tile 1 (row 0, col 0)"``, ``"tile 2"``, ...;
+            empty for an untiled image (:func:`tile_labels`).
     """
 
     image: int
@@ -83,6 +90,7 @@ class Panel:
     box: tuple[int, int, int, int]
     grid: tuple[int, int]
     kept: int
+    label: str = ""
 
 
 @dataclass
@@ -91,6 +99,48 @@ class KeptFigure:
 
     image: Image.Image
     panels: list[Panel]
+
+
+def tile_grid(tiles: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """``(rows, cols)`` with ``rows * cols == tiles`` whose shape is closest to the image's
+    ``size = (width, height)``, or ``None`` when two shapes are equally close (or ``tiles < 2``).
+
+    An assumption, not read from the model: tiling processors (LLaVA-NeXT's best pinpoint,
+    InternVL's closest aspect ratio) choose a grid that follows the image's aspect ratio, and of
+    the grids with the same number of tiles the one closest to it is the one chosen. It is used for
+    labels only.
+    """
+    if tiles < 2:
+        return None
+    aspect = math.log(size[0] / size[1])
+    shapes = sorted((abs(math.log(cols / rows) - aspect), rows, cols)
+                    for rows in range(1, tiles + 1) if tiles % rows == 0 for cols in (tiles // rows,))
+    if len(shapes) > 1 and math.isclose(shapes[0][0], shapes[1][0]):
+        return None
+    return shapes[0][1], shapes[0][2]
+
+
+def tile_labels(layout: ImageLayout, grid: tuple[int, int] | None = None) -> list[str]:
+    """One label per tile of ``layout``: ``"frame 1"``, ``"frame 2"``, ... for a video's frames;
+    ``"thumbnail"`` for the global view, ``"tile 1"``, ``"tile 2"``, ... for the others in order,
+    with ``"(row r, col c)"`` when ``grid`` (their ``(rows, cols)``, row-major) is given and fits;
+    all empty for an untiled image."""
+    if layout.is_video:
+        return [f"frame {frame + 1}" for frame in range(layout.num_tiles)]
+    if layout.num_tiles < 2:
+        return [""] * layout.num_tiles
+    thumbnail = layout.thumbnail_tile
+    others = [t for t in range(layout.num_tiles) if t != thumbnail]
+    fits = grid is not None and grid[0] * grid[1] == len(others)
+    labels = {thumbnail: "thumbnail"} if thumbnail is not None else {}
+    for number, tile in enumerate(others):
+        labels[tile] = f"tile {number + 1}" + (f" (row {number // grid[1]}, col {number % grid[1]})" if fits and grid else "")
+    return [labels[t] for t in range(layout.num_tiles)]
+
+
+def _short(label: str) -> str:
+    """A label without its row and column, for the small strip panels."""
+    return label.split(" (")[0]
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -181,6 +231,7 @@ def kept_figure(images: Sequence[ImageKept], title: str) -> KeptFigure:
                      + [measure.textlength(c, font=font) for c in captions])
     blocks: list[tuple[int, int]] = []            # (width, height) of each image's block
     for item in images:
+        label_h = _LABEL_HEIGHT if item.layout.num_tiles > 1 else 0
         sizes = [_panel_size(t) for t in item.tiles]
         main_w = sum(w for w, _ in sizes) + _GAP * (len(sizes) - 1)
         main_h = max(h for _, h in sizes)
@@ -188,8 +239,8 @@ def kept_figure(images: Sequence[ImageKept], title: str) -> KeptFigure:
         gate_w = sum(w for w, _ in strip_sizes) + _GAP * (len(strip_sizes) - 1)
         strip_w = sum(_gate_column(measure, font, item, layer, alive, gate_w) for layer, alive in item.gates)
         strip_w += 2 * _GAP * max(len(item.gates) - 1, 0)
-        strip_h = (_CAPTION_HEIGHT + max(h for _, h in strip_sizes) + _GAP) if item.gates else 0
-        blocks.append((max(main_w, strip_w), _CAPTION_HEIGHT + main_h + _GAP + strip_h))
+        strip_h = (_CAPTION_HEIGHT + label_h + max(h for _, h in strip_sizes) + _GAP) if item.gates else 0
+        blocks.append((max(main_w, strip_w), _CAPTION_HEIGHT + label_h + main_h + _GAP + strip_h))
     width = max([w for w, _ in blocks] + [round(text_width)]) + 2 * _MARGIN
     height = _TITLE_HEIGHT + sum(h for _, h in blocks) + _MARGIN
     figure = Image.new("RGB", (width, height), "white")
@@ -199,12 +250,17 @@ def kept_figure(images: Sequence[ImageKept], title: str) -> KeptFigure:
     y = _TITLE_HEIGHT
     for number, (item, caption, (_, block_h)) in enumerate(zip(images, captions, blocks)):
         cells, _ = _cells_by_tile(item.layout, item.entering)
+        labels = tile_labels(item.layout, item.tile_grid)
+        label_h = _LABEL_HEIGHT if item.layout.num_tiles > 1 else 0
         draw.text((_MARGIN, y + 4), caption, fill=(20, 20, 20), font=font)
-        x, top = _MARGIN, y + _CAPTION_HEIGHT
+        x, top = _MARGIN, y + _CAPTION_HEIGHT + label_h
         for tile_index, (tile, grid) in enumerate(zip(item.tiles, item.layout.grids)):
             size = _panel_size(tile)
+            if labels[tile_index]:
+                draw.text((x, top - label_h + 1), labels[tile_index], fill=(20, 20, 20), font=font)
             figure.paste(_draw_tile(tile, grid, cells[tile_index], size, outline=True), (x, top))
-            panels.append(Panel(number, tile_index, "entering", (x, top, x + size[0], top + size[1]), grid, len(cells[tile_index])))
+            panels.append(Panel(number, tile_index, "entering", (x, top, x + size[0], top + size[1]), grid,
+                                len(cells[tile_index]), labels[tile_index]))
             x += size[0] + _GAP
         strip_top = top + max(_panel_size(t)[1] for t in item.tiles) + _GAP
         gate_w = sum(round(_panel_size(t)[0] * _STRIP_SCALE) for t in item.tiles) + _GAP * (len(item.tiles) - 1)
@@ -216,10 +272,12 @@ def kept_figure(images: Sequence[ImageKept], title: str) -> KeptFigure:
             for tile_index, (tile, grid) in enumerate(zip(item.tiles, item.layout.grids)):
                 w, h = _panel_size(tile)
                 size = (round(w * _STRIP_SCALE), round(h * _STRIP_SCALE))
-                picture_top = strip_top + _CAPTION_HEIGHT
+                picture_top = strip_top + _CAPTION_HEIGHT + label_h
+                if labels[tile_index]:
+                    draw.text((x, picture_top - label_h + 1), _short(labels[tile_index]), fill=(20, 20, 20), font=font)
                 figure.paste(_draw_tile(tile, grid, gate_cells[tile_index], size, outline=False), (x, picture_top))
                 panels.append(Panel(number, tile_index, f"layer {layer}", (x, picture_top, x + size[0], picture_top + size[1]),
-                                    grid, len(gate_cells[tile_index])))
+                                    grid, len(gate_cells[tile_index]), labels[tile_index]))
                 x += size[0] + _GAP
             x = column_end
         y += block_h
@@ -325,11 +383,13 @@ def show(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: Me
     for sample, image, entering, gates in kept_tokens(model, inputs, method, registry=registry,
                                                       adapter_options=adapter_options):
         span = spans[(sample, image)]
+        picture = images[image]
         if span.layout.is_video:
-            tiles, note = _frames_for(inputs, span, processor, images[image])
-        else:
-            picture = images[image]
-            tiles, note = _tiles_for(inputs.get("pixel_values"), span, processor,
-                                     picture if isinstance(picture, Image.Image) else picture[0])
-        items.append(ImageKept(tiles, span.layout, entering, gates, note))
+            tiles, note = _frames_for(inputs, span, processor, picture)
+            items.append(ImageKept(tiles, span.layout, entering, gates, note))
+            continue
+        picture = picture if isinstance(picture, Image.Image) else picture[0]
+        tiles, note = _tiles_for(inputs.get("pixel_values"), span, processor, picture)
+        others = span.layout.num_tiles - (span.layout.thumbnail_tile is not None)
+        items.append(ImageKept(tiles, span.layout, entering, gates, note, tile_grid(others, picture.size)))
     return kept_figure(items, title)

@@ -7,9 +7,10 @@ Selectors see one image at a time (:class:`VisualTokens`); gates see one sample 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ImageLayout", "VisualTokens", "Selection", "GateState", "AttentionRole"]
 
@@ -59,6 +60,8 @@ class ImageLayout:
         ``leading_extra`` tokens that precede the grid (a vision [CLS] token kept as a visual token)
         are marked in :attr:`extra` and placed at row/col -1.
         """
+        import torch
+
         n = rows * cols
         idx = torch.arange(n)
         row = torch.cat([torch.full((leading_extra,), -1), idx // cols])
@@ -79,6 +82,8 @@ class ImageLayout:
         row-major within a frame (Qwen-VL, LLaVA-NeXT-Video, InternVL), followed by
         ``trailing_extra`` tokens that are not grid cells (LLaVA-OneVision's newline after the last
         frame; marked in :attr:`extra`, at row/col -1, in the last frame)."""
+        import torch
+
         per_frame = rows * cols
         cells = torch.arange(frames * per_frame)
         frame = torch.cat([cells // per_frame, torch.full((trailing_extra,), max(frames - 1, 0))])
@@ -126,6 +131,8 @@ class ImageLayout:
         """The tokens of one tile (of a video: one frame): their indices ``[n]`` into this layout
         and the layout of that tile seen as an image of its own (one tile, which is its own whole
         view)."""
+        import torch
+
         index = torch.nonzero(self.tile == tile).flatten()
         return index, ImageLayout(
             tile=torch.zeros(index.numel(), dtype=torch.long),
@@ -139,6 +146,8 @@ class ImageLayout:
     def thumbnail_mask(self) -> torch.Tensor:
         """``[N]`` bool: the tokens of the global view (all tokens when untiled, and for layouts
         without a global view: videos, tiled images without a thumbnail)."""
+        import torch
+
         if self.thumbnail_tile is None:
             return torch.ones(self.num_tokens, dtype=torch.bool)
         return self.tile == self.thumbnail_tile

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 from .. import compat
 from ..compat import Keyword
 from ..errors import RuntimeStateError
 from ..tokens import ImageLayout
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = [
     "Adapter", "ImageSpan", "VisionProbes", "capture_projector_inputs", "cls_attention_rows", "encoder_layer_of",
@@ -100,6 +101,8 @@ class VisionProbes:
     def flat(self, name: str) -> torch.Tensor:
         """The captured rows of ``name`` concatenated (``[rows * cells, ...]``), computed once per
         capture rather than once per image."""
+        import torch
+
         values: list[torch.Tensor] = getattr(self, name)
         cached = self._flat.get(name)
         if cached is None or cached[0] != len(values):
@@ -232,6 +235,8 @@ class Adapter:
                           attention_mask: torch.Tensor | None, past_length: int) -> torch.Tensor:
         """Position ids the unmodified model would use for the whole input, ``[B, L]`` (1-D RoPE)
         or ``[k, B, L]`` (M-RoPE). Default: the given ones, else ``arange`` after the cache."""
+        import torch
+
         if position_ids is not None:
             if position_ids.shape[-2] != input_ids.shape[0]:
                 position_ids = position_ids.expand(*position_ids.shape[:-2], input_ids.shape[0], position_ids.shape[-1])
@@ -249,6 +254,8 @@ class Adapter:
         The runtime uses these instead of whatever the model derived from its (pruned, shorter)
         cache itself; models that compute positions before their language model (M-RoPE) would
         otherwise start from the wrong length."""
+        import torch
+
         return (torch.arange(num_new, device=device) + logical_length).unsqueeze(0).expand(batch, -1)
 
     def position_index(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -291,7 +298,10 @@ class Adapter:
         (LLaVA-NeXT's and LLaVA-OneVision's newline tokens, by default) are text of neither kind. Adapters whose templates differ
         override this.
         """
-        text = attention_mask.bool() & ~visual & ~torch.isin(input_ids, torch.tensor(self.visual_token_ids(), device=input_ids.device))
+        import torch
+
+        visual_ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
+        text = attention_mask.bool() & ~visual & ~torch.isin(input_ids, visual_ids)
         seen_visual = torch.cumsum(visual.long(), dim=1) > 0
         has_visual = visual.any(dim=1, keepdim=True)
         return text & seen_visual & has_visual, text & ~seen_visual & has_visual
@@ -313,6 +323,8 @@ class Adapter:
 def split_runs(input_ids: torch.Tensor, token_id: int, tokens_per_image: int) -> list[tuple[int, torch.Tensor]]:
     """``(row, positions [N])`` for every block of ``tokens_per_image`` consecutive ``token_id``
     tokens, row-major: the order in which LLaVA-style models scatter image features."""
+    import torch
+
     spans = []
     for row in range(input_ids.shape[0]):
         positions = torch.nonzero(input_ids[row] == token_id).flatten().cpu()
@@ -327,11 +339,12 @@ def split_runs(input_ids: torch.Tensor, token_id: int, tokens_per_image: int) ->
     return spans
 
 
-
 def split_image_tokens(input_ids: torch.Tensor, token_id: int, counts: Sequence[int] | None) -> list[tuple[int, torch.Tensor]]:
     """``(row, positions [N_i])`` per image, row-major over the batch (the order in which models
     scatter image features). With ``counts``, each row's ``token_id`` positions are cut into images
     of those sizes in order; without, each contiguous run is one image."""
+    import torch
+
     chunks: list[tuple[int, torch.Tensor]] = []
     sizes = iter(counts) if counts is not None else None
     for row in range(input_ids.shape[0]):
@@ -382,6 +395,8 @@ def capture_projector_inputs(projector: nn.Module, probes: VisionProbes) -> Call
 def cls_attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
     """``[B, L]``: the attention the first position ([CLS]) pays every position, averaged over
     heads, from a vision attention layer's ``query`` ``[B, H, L, d]`` and ``key`` ``[B, H, L, d]``."""
+    import torch
+
     row = torch.softmax((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)   # [B, H, 1, L]
     return row.mean(dim=1)[:, 0]
 

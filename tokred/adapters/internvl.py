@@ -34,18 +34,18 @@ so it follows the model's patch order exactly. Pre-projector features are the pi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import OptionsError, RuntimeStateError
-from ..runtime._attention import observe_attention
 from ..tokens import ImageLayout
 from .base import (
     Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, order_spans,
     split_image_tokens,
 )
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = ["InternVLAdapter", "tiles_layout"]
 
@@ -54,6 +54,8 @@ def tiles_layout(tiles: int, side: int, thumbnail_last: bool) -> ImageLayout:
     """Layout of an image of ``tiles`` tiles of ``side x side`` tokens each, tile by tile, row-major.
     With more than one tile and ``thumbnail_last``, the last tile is the thumbnail; a single tile is
     the whole image."""
+    import torch
+
     cells = torch.arange(tiles * side * side)
     within = cells % (side * side)
     return ImageLayout(
@@ -113,6 +115,8 @@ class InternVLAdapter(Adapter):
         """Every image's tokens, row-major over the batch: each image is one run of context tokens
         between ``<img>`` and ``</img>``, a whole number of tiles long. With ``frames_as_video``,
         runs of two or more consecutive one-tile images of a row are one video each."""
+        import torch
+
         side, per_tile = self._token_side(), self.tokens_per_tile()
         chunks = split_image_tokens(input_ids, self.image_token_id(), None)
         for row, positions in chunks:
@@ -170,6 +174,8 @@ class InternVLAdapter(Adapter):
         return shuffled.reshape(patch_values.shape[0], -1, shuffled.shape[-1]).sum(dim=-1)
 
     def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
+        from ..runtime._attention import observe_attention
+
         removers: list[Callable[[], None]] = []
         mm = self.multimodal_model()
         if "pre_projector" in wanted:

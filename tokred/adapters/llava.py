@@ -7,14 +7,14 @@ expanded the ``<image>`` token, in row-major patch order.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
-import torch.nn as nn
-
-from ..runtime._attention import observe_attention
 from ..tokens import ImageLayout
 from .base import Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, split_runs
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = ["LlavaAdapter"]
 
@@ -70,6 +70,8 @@ class LlavaAdapter(Adapter):
         return frozenset({"pre_projector", "cls_attention"} if cls else {"pre_projector"})
 
     def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
+        from ..runtime._attention import observe_attention
+
         removers: list[Callable[[], None]] = []
         mm = self.multimodal_model()
         if "pre_projector" in wanted:

@@ -40,10 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Literal, Mapping
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from .. import compat
 from ..compat import Keyword
@@ -51,6 +48,10 @@ from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
 from .base import ImageSpan, VisionProbes, split_image_tokens
 from .llava import LlavaAdapter
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = ["LlavaNextAdapter", "anyres_layout"]
 
@@ -76,6 +77,8 @@ def anyres_layout(tiles_high: int, tiles_wide: int, side: int, image_size: tuple
         ``(layout, probe_cells)``: the layout (``extra`` marks newline tokens) and ``[N]`` long,
         each token's cell in the image's encoder rows (``row * s * s + cell``; -1 for newlines).
     """
+    import torch
+
     unpad_image = compat.modeling_function(modeling, "unpad_image")
 
     height, width = tiles_high * side, tiles_wide * side
@@ -212,6 +215,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _image_spans(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[list[ImageSpan], int]:
         """The images' spans and the number of encoder rows (thumbnails and tiles) they take."""
+        import torch
+
         if not bool((input_ids == self.image_token_id()).any()):
             return [], 0
         layouts = self._layouts(inputs)

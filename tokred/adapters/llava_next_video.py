@@ -24,16 +24,17 @@ so the captured rows are every image's encoder rows, then every video frame.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..compat import Keyword
 from ..errors import RuntimeStateError
 from ..tokens import ImageLayout
 from .base import ImageSpan, VisionProbes, order_spans, split_image_tokens
 from .llava_next import LlavaNextAdapter
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = ["LlavaNextVideoAdapter", "pool_cls_attention"]
 
@@ -42,6 +43,8 @@ def pool_cls_attention(rows: torch.Tensor, side: int, stride: int) -> torch.Tens
     """``[R, side * side]`` per-patch [CLS] attention of ``R`` frames -> ``[R, q * q]`` per pooled
     token, ``q = side // stride``: the sum over each ``stride x stride`` block (the resampler's
     kernel and stride; cells left over at the border are dropped, as its floor-mode pooling does)."""
+    import torch
+
     grid = rows.reshape(rows.shape[0], 1, side, side).float()
     return (torch.nn.functional.avg_pool2d(grid, kernel_size=stride, stride=stride) * stride * stride).flatten(1)
 
@@ -66,6 +69,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     def _pooled_side(self) -> int:
         """Tokens per side of a pooled frame: the model's own resampler on a probe frame of zeros
         (its ``forward``, which bypasses hooks: the [CLS] probe below must not see this call)."""
+        import torch
+
         if self._pooled is not None:
             return self._pooled
         side, width = self._grid_side(), int(self.model.config.vision_config.hidden_size)  # type: ignore[union-attr]
@@ -102,6 +107,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         """Images as LLaVA-NeXT's, then every video (``<video>`` tokens cut into ``F * q * q`` per
         video), all numbered in sequence order within a row. A video's probe cells follow every
         image's encoder rows: ``image cells + (frame before it) * q * q + cell``."""
+        import torch
+
         spans, image_rows = self._image_spans(input_ids, inputs)
         video_token = self.video_token_id()
         q = self._pooled_side()
@@ -121,6 +128,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         """LLaVA-NeXT's probes (a [CLS] row per encoder row, the projector's input per row), and a
         pre-hook on the vision resampler, which runs for video frames only: the [CLS] rows the tower
         just captured for those frames are pooled as the resampler pools the patches."""
+        import torch
+
         removers = super().install_vision_probes(probes, wanted)
         if "cls_attention" in wanted and "cls_attention" in self.available_inputs():
             side, stride = self._grid_side(), self._stride()

@@ -38,16 +38,17 @@ hands over: newline rows are the model's ``image_newline`` vector.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from .. import compat
 from ..compat import Keyword
 from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
 from .base import Adapter, ImageSpan, VisionProbes, order_spans, split_image_tokens
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 __all__ = ["LlavaOnevisionAdapter", "onevision_image_layout"]
 
@@ -64,6 +65,8 @@ def onevision_image_layout(side: int, grid: tuple[int, int] | None) -> ImageLayo
             row), or ``None`` for an image without tiles (multi-image prompts: one newline after the
             base view).
     """
+    import torch
+
     base = ImageLayout.grid(side, side)
     if grid is None:
         n = side * side
@@ -119,6 +122,8 @@ class LlavaOnevisionAdapter(Adapter):
 
     def _pooled_cells(self) -> int:
         """Tokens per video frame: the model's own ``apply_pooling`` on a one-channel probe frame."""
+        import torch
+
         side = self._side()
         return int(self.multimodal_model().apply_pooling(torch.zeros(1, side * side, 1)).shape[1])
 
@@ -128,6 +133,8 @@ class LlavaOnevisionAdapter(Adapter):
     def _tile_grid(self, image_size: list[int], aspect_ratio: str) -> tuple[int, int]:
         """``(rows, cols)`` of one image's packed tile grid: the model's ``pack_image_features`` on a
         probe of zeros whose newline vector is 1."""
+        import torch
+
         image_size_to_num_patches = compat.modeling_function(_MODULE, "image_size_to_num_patches")
         config = self.model.config  # type: ignore[union-attr]
         side = self._side()
@@ -189,6 +196,9 @@ class LlavaOnevisionAdapter(Adapter):
     # ------------------------------------------------------------------- spans
 
     def _candidates(self, layout: ImageLayout, positions: torch.Tensor) -> tuple[ImageLayout, torch.Tensor]:
+        """The layout and positions of the candidates: without the newline tokens unless they are pruned too."""
+        import torch
+
         if self.newline_tokens == "prune" or layout.extra is None:
             return layout, positions
         patches = torch.nonzero(~layout.extra).flatten()

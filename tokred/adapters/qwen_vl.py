@@ -46,15 +46,16 @@ Not supported: pre-projector features (not captured; selectors that need them sa
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .. import compat
 from ..compat import Keyword
 from ..errors import RuntimeStateError, ScheduleError
 from ..tokens import ImageLayout
 from .base import Adapter, ImageSpan, VisionProbes, order_spans, split_image_tokens
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "merged_layout"]
 
@@ -168,6 +169,8 @@ class QwenVLAdapter(Adapter):
         frame the height and width axes take ``h`` and ``w`` consecutive values (get_rope_index).
         A Qwen3-VL video is one contiguous run of tokens per frame (timestamps between them), so its
         frames are its runs; a Qwen2/2.5-VL video is one run of ``t * h * w`` tokens."""
+        import torch
+
         if position_ids is None or position_ids.dim() != 3:
             raise RuntimeStateError(
                 "cannot tell the image or video grid: the call carries neither image_grid_thw / video_grid_thw nor "
@@ -200,6 +203,8 @@ class QwenVLAdapter(Adapter):
         Measured on 5.23: the unmodified model takes the mask's cumsum over *all* columns and then
         fails on the shape mismatch; the last ``num_new`` columns are what it means to compute.
         """
+        import torch
+
         if attention_mask is not None:
             counted = attention_mask.long().cumsum(-1) - 1
             steps = counted[:, -num_new:].masked_fill(attention_mask[:, -num_new:] == 0, 0).to(device)   # [B, n]
@@ -282,6 +287,8 @@ def _reduce_visual_mask(mask: torch.Tensor, index: torch.Tensor) -> tuple[torch.
     Returns the new mask ``[B, L']`` and ``rows`` ``[V']``: for each ``True`` of the new mask in
     row-major order, the row of the old mask's row-major ``True`` list it came from (how per-visual
     tensors such as deepstack features are gathered alike)."""
+    import torch
+
     index = index.to(mask.device)
     valid = index >= 0
     safe = index.clamp(min=0)

@@ -10,10 +10,12 @@ trained, offline SYNTHETIC PROXY model and task whose answers depend on the imag
 
 from ._evaluate import EvalResult, Prediction, Setting, SettingResult, evaluate, settings_for
 from ._plot import plot_accuracy
-from ._scoring import continuation_logprobs, normalise
+from ._inputs import chat_prompt, encode
+from ._scoring import ContinuationScore, continuation_logprobs, normalise, score_continuations
 from ._task import Task, TaskItem, load_task, save_task
 
 __all__ = [
     "evaluate", "settings_for", "EvalResult", "SettingResult", "Setting", "Prediction",
-    "Task", "TaskItem", "load_task", "save_task", "normalise", "continuation_logprobs", "plot_accuracy",
+    "Task", "TaskItem", "load_task", "save_task", "normalise", "continuation_logprobs", "score_continuations",
+    "ContinuationScore", "chat_prompt", "encode", "plot_accuracy",
 ]

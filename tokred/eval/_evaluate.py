@@ -39,7 +39,8 @@ from ..errors import OptionsError, TokredError
 from ..method import Method
 from ..registry import Registry, default_registry
 from ..runtime import Run, apply
-from ._scoring import common_prefix_length, continuation_logprobs, normalise, real_ids
+from ._inputs import chat_prompt, encode
+from ._scoring import normalise, score_continuations
 from ._task import Task, TaskItem
 
 __all__ = ["Setting", "Prediction", "SettingResult", "EvalResult", "evaluate", "settings_for", "Progress"]
@@ -232,32 +233,8 @@ class EvalResult:
 # ------------------------------------------------------------------------------------ prompts
 
 
-@contextlib.contextmanager
-def _left_padding(processor: Any) -> Iterator[None]:
-    tokenizer = getattr(processor, "tokenizer", processor)
-    side = getattr(tokenizer, "padding_side", "left")
-    tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = side
-
-
 def _prompt(processor: Any, item: TaskItem) -> str:
-    content: list[dict[str, str]] = [{"type": "image"} for _ in item.images]
-    content.append({"type": "text", "text": item.question})
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def _encode(processor: Any, model: nn.Module, texts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
-    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-    if images:
-        kwargs["images"] = images
-    with _left_padding(processor):
-        encoded = processor(**kwargs)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in encoded.items()}
+    return chat_prompt(processor, item.question, len(item.images))
 
 
 def _choice_text(prompt: str, choice: str, delimiter: str | None) -> str:
@@ -303,7 +280,7 @@ def _visual_counts(context: _Context, inputs: Mapping[str, torch.Tensor], run: R
 
 def _answer_by_generation(context: _Context, setting: Setting, items: Sequence[TaskItem]) -> list[tuple[str, tuple[int, int, float]]]:
     prompts = [_prompt(context.processor, item) for item in items]
-    inputs = _encode(context.processor, context.model, prompts, [im for item in items for im in item.open_images()])
+    inputs = encode(context.processor, context.model, prompts, [im for item in items for im in item.open_images()])
     with context.run(setting) as run, torch.no_grad():
         generated = context.model.generate(**inputs, max_new_tokens=context.max_new_tokens, do_sample=False)
         counts = _visual_counts(context, inputs, run)
@@ -312,45 +289,24 @@ def _answer_by_generation(context: _Context, setting: Setting, items: Sequence[T
 
 
 def _answer_by_likelihood(context: _Context, setting: Setting, items: Sequence[TaskItem]) -> list[tuple[str, tuple[int, int, float]]]:
-    """Decide on the prompts, then score every choice under those decisions."""
+    """The highest-scoring choice of every item (:func:`score_continuations`: decided on the prompt)."""
     prompts = [_prompt(context.processor, item) for item in items]
     images = [item.open_images() for item in items]
-    prompt_inputs = _encode(context.processor, context.model, prompts, [im for ims in images for im in ims])
-    rows, texts, row_images = [], [], []
-    for index, (item, prompt) in enumerate(zip(items, prompts)):
-        assert item.choices is not None
-        for choice in item.choices:
-            rows.append(index)
-            texts.append(prompt + _choice_text(prompt, choice, context.choice_delimiter))
-            row_images.extend(images[index])
-    choice_inputs = _encode(context.processor, context.model, texts, row_images)
-    prompt_ids = real_ids(prompt_inputs["input_ids"], prompt_inputs.get("attention_mask"))
-    choice_ids = real_ids(choice_inputs["input_ids"], choice_inputs.get("attention_mask"))
-    # Tokens after the longest common prefix with the prompt: the choice's own tokens (a tokenizer
-    # that merges across the boundary makes the first of them span it; scored all the same).
-    lengths = [len(ids) - common_prefix_length(ids, prompt_ids[row]) for ids, row in zip(choice_ids, rows)]
-    if any(n < 1 for n in lengths):
-        raise TokredError("a choice adds no token to its prompt; give non-empty choices")
-    with context.run(setting) as run, torch.no_grad():
-        if run is not None:
-            context.model(**prompt_inputs)                                     # the decisions, made on the prompts
-            counts = _visual_counts(context, prompt_inputs, run)
-            with run.frozen(rows=rows):
-                out = context.model(**choice_inputs)
-            positions = run.output_positions
+    continuations = [[_choice_text(p, c, context.choice_delimiter) for c in item.choices or ()] for p, item in zip(prompts, items)]
+    with context.run(setting) as run:
+        scores = score_continuations(context.model, context.processor, prompts, images, continuations, run)
+        if run is not None:  # the frozen rows replay their prompt's decisions: the first row of each tells its counts
+            first_rows = [sum(len(c) for c in continuations[:i]) for i in range(len(items))]
+            all_counts = _visual_counts(context, {}, run)
+            counts = [all_counts[row] for row in first_rows]
         else:
-            counts = _visual_counts(context, prompt_inputs, None)
-            out = context.model(**choice_inputs)
-            positions = None
-    scores = continuation_logprobs(out.logits, positions, choice_inputs["input_ids"], lengths)
+            counts = _visual_counts(context, encode(context.processor, context.model, prompts,
+                                                    [im for ims in images for im in ims]), None)
     answers: list[tuple[str, tuple[int, int, float]]] = []
-    start = 0
-    for index, item in enumerate(items):
+    for item, mine, count in zip(items, scores, counts):
         assert item.choices is not None
-        mine = scores[start:start + len(item.choices)]
-        start += len(item.choices)
-        best = max(range(len(mine)), key=lambda j: (mine[j], -j))            # ties: the earlier choice
-        answers.append((item.choices[best], counts[index]))
+        best = max(range(len(mine)), key=lambda j: (mine[j].logprob, -j))      # ties: the earlier choice
+        answers.append((item.choices[best], count))
     return answers
 
 
@@ -550,8 +506,8 @@ def _time_prefills(context: _Context, task: Task, results: list[SettingResult], 
                    step: Callable[[str], None]) -> None:
     """Prefill of the first batch's prompts per setting, interleaved rounds; speed-up per round."""
     items = list(task.items[:batch_size])
-    inputs = _encode(context.processor, context.model, [_prompt(context.processor, i) for i in items],
-                     [im for item in items for im in item.open_images()])
+    inputs = encode(context.processor, context.model, [_prompt(context.processor, i) for i in items],
+                    [im for item in items for im in item.open_images()])
     device = next(context.model.parameters()).device
 
     def prefill(setting: Setting) -> Callable[[], float]:

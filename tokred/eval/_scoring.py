@@ -20,13 +20,21 @@ it is scoring.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import TokredError
+from ._inputs import encode
 
-__all__ = ["normalise", "continuation_logprobs", "common_prefix_length", "real_ids"]
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from ..runtime import Run
+
+__all__ = ["normalise", "continuation_logprobs", "score_continuations", "ContinuationScore", "common_prefix_length",
+           "real_ids"]
 
 _SPACE = re.compile(r"\s+")
 _EDGE = " \t\n\"'`.,;:!?"
@@ -37,6 +45,21 @@ def normalise(text: str) -> str:
     punctuation stripped. Only the first line counts (models often continue after the answer)."""
     first = text.strip().split("\n", 1)[0] if text.strip() else ""
     return _SPACE.sub(" ", first.lower()).strip(_EDGE)
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """How a model scores one continuation of a prompt.
+
+    Attributes:
+        logprob: the summed log-probability of its tokens.
+        greedy: whether every one of its tokens is the model's most likely next token.
+        tokens: how many tokens it has.
+    """
+
+    logprob: float
+    greedy: bool
+    tokens: int
 
 
 def continuation_logprobs(logits: torch.Tensor, output_positions: torch.Tensor | None, input_ids: torch.Tensor,
@@ -56,12 +79,17 @@ def continuation_logprobs(logits: torch.Tensor, output_positions: torch.Tensor |
             input columns (the continuation or the token before it was dropped, or the layout is not
             left-packed): reading them anyway would score the wrong tokens.
     """
+    return [score.logprob for score in _scores(logits, output_positions, input_ids, continuation_lengths)]
+
+
+def _scores(logits: torch.Tensor, output_positions: torch.Tensor | None, input_ids: torch.Tensor,
+            continuation_lengths: Sequence[int]) -> list[ContinuationScore]:
     rows, length = input_ids.shape
     if output_positions is None:
         output_positions = torch.arange(length).expand(rows, -1)
     if logits.shape[:2] != output_positions.shape:
         raise TokredError(f"logits {tuple(logits.shape[:2])} do not match the output layout {tuple(output_positions.shape)}")
-    scores: list[float] = []
+    scores: list[ContinuationScore] = []
     for row, count in enumerate(continuation_lengths):
         if count < 1:
             raise TokredError(f"row {row}: a continuation needs at least one token")
@@ -72,10 +100,68 @@ def continuation_logprobs(logits: torch.Tensor, output_positions: torch.Tensor |
                 f"row {row}: the last {count + 1} output positions hold input columns {got.tolist()}, not "
                 f"{expected.tolist()}: the continuation (or the token before it) did not survive as expected"
             )
-        predicting = logits[row, -(count + 1):-1].float()                      # [C, V]: each predicts the next
-        targets = input_ids[row, -count:].to(predicting.device)                # [C]
-        scores.append(float(torch.log_softmax(predicting, dim=-1).gather(1, targets[:, None]).sum()))
+        log_probs = torch.log_softmax(logits[row, -(count + 1):-1].float(), dim=-1)    # [C, V]: each predicts the next
+        targets = input_ids[row, -count:].to(log_probs.device)                         # [C]
+        scores.append(ContinuationScore(float(log_probs.gather(1, targets[:, None]).sum()),
+                                        bool((log_probs.argmax(dim=-1) == targets).all()), count))
     return scores
+
+
+def score_continuations(model: nn.Module, processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+                        continuations: Sequence[Sequence[str]], run: Run | None) -> list[list[ContinuationScore]]:
+    """Score every continuation of every prompt, the reduction decided on the prompt alone.
+
+    Args:
+        model: the model (inside ``run``'s ``with`` block when ``run`` is given).
+        processor: its processor.
+        prompts: the full prompt texts (chat template applied), one per item.
+        images: each prompt's images, in order.
+        continuations: each prompt's continuations, appended to the prompt text verbatim (give the
+            separating space yourself, e.g. ``" red"``).
+        run: the active tokred run, or ``None`` for the unreduced model.
+
+    Returns:
+        Per prompt, one :class:`ContinuationScore` per continuation. The continuation's tokens are
+        those after the longest common prefix of the tokenised prompt and prompt + continuation (a
+        tokenizer that merges across the boundary makes the first of them span it).
+
+    Under a run, one prefill of the prompts decides (stage I and every gate), then every
+    continuation row is scored under its prompt's decisions (``Run.frozen(rows=...)``): a gate must
+    not see the continuation it scores, exactly as in generation.
+    """
+    if len(prompts) != len(images) or len(prompts) != len(continuations):
+        raise TokredError("prompts, images and continuations must have one entry per prompt")
+    rows, texts, row_images = [], [], []
+    for index, (prompt, choices) in enumerate(zip(prompts, continuations)):
+        if not choices:
+            raise TokredError(f"prompt {index} has no continuation to score")
+        for choice in choices:
+            rows.append(index)
+            texts.append(prompt + choice)
+            row_images.extend(images[index])
+    prompt_inputs = encode(processor, model, prompts, [image for item in images for image in item])
+    row_inputs = encode(processor, model, texts, row_images)
+    prompt_ids = real_ids(prompt_inputs["input_ids"], prompt_inputs.get("attention_mask"))
+    row_ids = real_ids(row_inputs["input_ids"], row_inputs.get("attention_mask"))
+    lengths = [len(ids) - common_prefix_length(ids, prompt_ids[row]) for ids, row in zip(row_ids, rows)]
+    if any(n < 1 for n in lengths):
+        raise TokredError("a continuation adds no token to its prompt; give non-empty continuations")
+    with torch.no_grad():
+        if run is not None:
+            model(**prompt_inputs)                                              # the decisions, made on the prompts
+            with run.frozen(rows=rows):
+                out = model(**row_inputs)
+            positions = run.output_positions
+        else:
+            out = model(**row_inputs)
+            positions = None
+    flat = _scores(out.logits, positions, row_inputs["input_ids"], lengths)
+    result: list[list[ContinuationScore]] = []
+    start = 0
+    for choices in continuations:
+        result.append(flat[start:start + len(choices)])
+        start += len(choices)
+    return result
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

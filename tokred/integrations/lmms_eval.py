@@ -33,15 +33,15 @@ What the requests get:
   there are images); batches are left-padded and run through ``model.generate`` inside
   ``with tokred.apply(model, method)``. Generation stops at EOS or ``max_new_tokens``; the text is
   cut at the first of the task's ``until`` strings.
-* ``loglikelihood`` (``multiple_choice`` tasks): one forward of prompt + continuation under the run.
-  The value returned is the continuation's **negative** log-likelihood (a loss), because lmms-eval's
-  ``multiple_choice`` picks the choice with the smallest value (``np.argmin``; lmms-eval issue #370).
-  Under tokred the language model sees a shorter sequence than the processor built (visual tokens
-  dropped before it and possibly inside it), so the logits are ``[B, L', V]`` with ``L' < L``.
-  Reduced sequences are left-packed and text after the images is never dropped, so a row's
-  continuation is its last ``C`` positions in both: the continuation's log-probs are read from
-  ``logits[:, L'-C-1 : L'-1]`` aligned from the right, and ``L'`` is checked against what the run's
-  report implies (a mismatch raises instead of scoring the wrong positions).
+* ``loglikelihood`` (``multiple_choice`` tasks): the value returned is the continuation's
+  **negative** log-likelihood (a loss), because lmms-eval's ``multiple_choice`` picks the choice with
+  the smallest value (``np.argmin``; lmms-eval issue #370). The requests that share a prompt and its
+  images (the choices of one question) are scored together by
+  :func:`tokred.eval.score_continuations`: one prefill of the prompt decides the reduction, then every
+  choice is scored under that decision (``Run.frozen(rows=...)``), so a gate never sees the choice it
+  scores, and the logits of the reduced sequence are read through ``Run.output_positions`` (checked,
+  not assumed). ``tokred eval`` scores multiple-choice items the same way, so both give the same
+  accuracy on the same items (tested).
 
 Not supported yet: ``generate_until_multi_round``, videos, multi-process (accelerate) data
 parallelism, lmms-eval's ``chat`` model type (tasks are read through ``doc_to_text``).
@@ -64,6 +64,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 
 import tokred
+from tokred.eval import score_continuations
 
 __all__ = ["TokredLMM", "parse_model_args", "coerce_value", "MODEL_ARGS"]
 
@@ -280,28 +281,39 @@ class TokredLMM(lmms):
         return [r if r is not None else "" for r in results]
 
     def loglikelihood(self, requests: list[Instance]) -> list[Any]:
+        """``(nll, is_greedy)`` per request (see the module documentation).
+
+        Requests that share a prompt and its images (the choices of one question) are scored
+        together by :func:`tokred.eval.score_continuations`: the reduction is decided once, on the
+        prompt alone, and every continuation is scored under that decision, so a gate never sees
+        the choice it scores; ``tokred eval`` scores choices the same way."""
         items = [self._loglikelihood_item(request) for request in requests]
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, (prompt, _, _, source) in enumerate(items):
+            groups.setdefault((prompt, source), []).append(index)
         results: list[Any] = [None] * len(items)
-        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]) - len(items[i][1]))
         stats = self.stats.setdefault("loglikelihood", _Stats())
+        keys = sorted(groups, key=lambda key: -len(key[0]))
         with self._run() as run:
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                prompts, continuations = [], []
-                for i in rows:
-                    prompt, continuation = _move_trailing_space(items[i][0], items[i][1])
+            for start in range(0, len(keys), self.batch_size):
+                batch = keys[start:start + self.batch_size]
+                prompts, images, continuations = [], [], []
+                for key in batch:
+                    members = groups[key]
+                    prompt, _ = _move_trailing_space(items[members[0]][0], "")
                     prompts.append(prompt)
-                    continuations.append(continuation)
-                lengths = [self._continuation_length(p, c) for p, c in zip(prompts, continuations)]
-                batch = self._encode([p + c for p, c in zip(prompts, continuations)], [items[i][2] for i in rows], rows)
-                prefills = run.report.prefills if run is not None else 0
+                    images.append(items[members[0]][2])
+                    continuations.append([_move_trailing_space(items[i][0], items[i][1])[1] for i in members])
                 began = time.perf_counter()
-                with torch.inference_mode():
-                    logits = self._model(**batch.inputs, use_cache=False).logits
-                self._account(stats, run, batch, time.perf_counter() - began)
-                scores = self._score(batch, logits, lengths, run, prefills)
-                for row, score in zip(rows, scores):
-                    results[row] = score
+                scores = score_continuations(self._model, self.processor, prompts, images, continuations, run)
+                stats.seconds += time.perf_counter() - began
+                if run is not None:
+                    stats.prefills += len(prompts)
+                    stats.kept_per_image.extend(len(image.kept_final) for image in run.report.images)
+                for key, per_prompt in zip(batch, scores):
+                    for index, score in zip(groups[key], per_prompt):
+                        nll = -score.logprob / (score.tokens if self.loglikelihood_reduction == "mean" else 1)
+                        results[index] = _result(nll, score.greedy)
         self._log_stats("loglikelihood")
         return results
 
@@ -328,17 +340,19 @@ class TokredLMM(lmms):
                 )
         return [visual.convert("RGB") for visual in flat]
 
-    def _loglikelihood_item(self, request: Instance) -> tuple[str, str, list[Any]]:
+    def _loglikelihood_item(self, request: Instance) -> tuple[str, str, list[Any], str]:
+        """``(prompt, continuation, images, source)``; ``source`` names the document the images
+        come from, so that the choices of one question are scored under one decision."""
         args = request.args
         if len(args) == 2:  # acc_mutual_info's unconditional requests: (context, continuation), no image
             context, continuation = args
-            return self._prompt(context, 0), continuation, []
+            return self._prompt(context, 0), continuation, [], ""
         context, target, doc_to_visual, doc_id, task, split = args
         if not isinstance(target, str):  # the "loglikelihood" output type passes doc_to_target itself
             target = target(self.task_dict[task][split][doc_id])
             target = target if isinstance(target, str) else str(target)
         visuals = self._visuals(doc_to_visual, task, split, doc_id)
-        return self._prompt(context, len(visuals)), target, visuals
+        return self._prompt(context, len(visuals)), target, visuals, f"{task}/{split}/{doc_id}"
 
     def _prompt(self, context: str, num_images: int) -> str:
         """The chat prompt of one user turn holding ``num_images`` images and ``context``, ending with
@@ -386,82 +400,6 @@ class TokredLMM(lmms):
             if gen_kwargs.get("top_p") is not None:
                 kwargs["top_p"] = float(gen_kwargs["top_p"])
         return kwargs
-
-    # ------------------------------------------------------------------ scoring
-
-    def _continuation_length(self, prompt: str, continuation: str) -> int:
-        """Tokens of ``continuation`` at the end of ``prompt + continuation`` (lm-eval's rule: encode
-        the whole, take what follows the prompt's encoding). Fails when the prompt's tokens are not a
-        prefix of the whole's (a merge across the boundary), rather than guess."""
-        whole = self.tokenizer(prompt + continuation)["input_ids"]
-        head = self.tokenizer(prompt)["input_ids"]
-        if whole[:len(head)] != head:
-            raise RuntimeError(
-                f"the tokens of the prompt are not a prefix of the tokens of prompt + continuation "
-                f"(continuation {continuation!r}); cannot tell which tokens to score"
-            )
-        return len(whole) - len(head)
-
-    def _reduced_lengths(self, batch: _Batch, run: tokred.Run | None) -> list[int]:
-        """Per row, the real tokens the language model's last layer (and so the logits) holds.
-
-        Unreduced: the row's real tokens. Under a run: its real tokens less the visual tokens
-        dropped before the last layer (stage I and every gate), from the run's report."""
-        real = [int(n) for n in batch.inputs["attention_mask"].sum(dim=1).tolist()]
-        if run is None:
-            return real
-        report = run.report
-        last = report.visual_tokens_per_layer[-1] if report.visual_tokens_per_layer else [0] * len(real)
-        return [n - (report.visual_tokens_input[r] - last[r]) for r, n in enumerate(real)]
-
-    def _score(self, batch: _Batch, logits: torch.Tensor, lengths: list[int], run: tokred.Run | None,
-               prefills_before: int) -> list[Any]:
-        """``(nll, is_greedy)`` per row, reading the continuation's log-probs from the right.
-
-        ``L'`` (``logits.shape[1]``) must be what the report implies: unreduced, ``L``; under a run,
-        the reduced rows left-packed to the longest one. With a batch padded to its longest row both
-        are ``max_r(reduced_r)``; anything else raises rather than score misaligned positions."""
-        input_ids = batch.inputs["input_ids"]
-        mask = batch.inputs["attention_mask"]
-        full = input_ids.shape[1]
-        if run is not None and run.report.prefills != prefills_before + 1:
-            raise RuntimeError(
-                f"expected one tokred prefill for this forward, the run counted {run.report.prefills - prefills_before}"
-            )
-        reduced = self._reduced_lengths(batch, run)
-        expected = full if run is None else max(reduced)
-        if logits.shape[1] != expected or expected != max(reduced):
-            raise RuntimeError(
-                f"the logits cover {logits.shape[1]} positions, but the tokred run's report implies {expected} "
-                f"(input length {full}, rows {reduced}, method {self.method_name}); refusing to score misaligned positions"
-            )
-        image_token = getattr(self._model.config, "image_token_id", None)
-        if image_token is None:
-            image_token = getattr(self._model.config, "image_token_index", None)
-        longest = max(lengths)
-        # Only the last longest+1 positions matter: slice before log_softmax ([B, C+1, V], not [B, L', V]).
-        tail = torch.log_softmax(logits[:, -longest - 1:].float(), dim=-1) if longest else None
-        scores = []
-        for r, length in enumerate(lengths):
-            if length == 0:
-                scores.append(_result(0.0, True))
-                continue
-            if length + 1 > reduced[r]:
-                raise RuntimeError(f"continuation of {length} tokens leaves no context token to predict it from")
-            target = input_ids[r, full - length:]
-            if bool((mask[r, full - length:] == 0).any()):
-                raise RuntimeError("the continuation runs into padding; the batch is not left-padded")
-            if image_token is not None and bool((target == image_token).any()):
-                raise RuntimeError("the continuation holds image tokens, which tokred may drop; cannot align it")
-            assert tail is not None
-            log_probs = tail[r, tail.shape[1] - length - 1: tail.shape[1] - 1]     # [C, V] predicting target
-            token_log_probs = log_probs.gather(-1, target[:, None]).squeeze(-1)  # [C]
-            greedy = bool((log_probs.argmax(dim=-1) == target).all())
-            nll = -float(token_log_probs.sum())
-            if self.loglikelihood_reduction == "mean":
-                nll /= length
-            scores.append(_result(nll, greedy))
-        return scores
 
     # ------------------------------------------------------------------ runs and statistics
 

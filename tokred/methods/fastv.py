@@ -7,7 +7,8 @@ default is ``K = 2`` and dropping ``R = 50%`` of the image tokens (``keep_ratio=
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from ..options import LayerSpec
@@ -15,6 +16,9 @@ from ..components import Gate
 from ..method import BudgetOptions, Method
 from ..schedule import GateStage, Schedule
 from ..tokens import GateState
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LastTokenAttentionGate", "FastVMethod"]
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from ..options import Integer
@@ -10,6 +11,9 @@ from ..components import Selector
 from ..method import BudgetOptions, Method
 from ..schedule import Schedule, SelectorStage
 from ..tokens import VisualTokens
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["RandomSelector", "RandomMethod"]
 
@@ -25,6 +29,8 @@ class RandomSelector(Selector):
     seed: Integer = Field(0, description="Seed of the random draw.")
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
+        import torch
+
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(tokens.num_tokens, generator=generator)[:k]
 

@@ -7,9 +7,13 @@ every adapter provides, so it runs on every supported model family.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 from tokred import BudgetOptions, Method, Schedule, Selector, SelectorStage, VisualTokens
+
+if TYPE_CHECKING:  # torch is imported where a score is computed: `tokred list` starts without it
+    import torch
 
 __all__ = ["NormSelector", "NormMethod"]
 
@@ -37,6 +41,8 @@ class NormSelector(Selector):
     center: bool = Field(False, description=_CENTER)
 
     def score(self, tokens: VisualTokens) -> torch.Tensor:
+        import torch
+
         features = tokens.features.float()                            # [N, D]
         if self.center:
             features = features - features.mean(dim=0, keepdim=True)  # [N, D]

@@ -25,8 +25,12 @@ Choices the paper leaves open (ours):
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from tokred import Gate, GateState
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CrossAttentionGate"]
 

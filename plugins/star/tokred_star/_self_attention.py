@@ -35,12 +35,14 @@ result: scores equal the dense computation's (bit for bit in our CPU tests at N 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 from tokred import OptionsError, Selector, VisualTokens
 from tokred.options import Integer
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["self_attention_scores", "SelfAttentionSelector", "DEFAULT_BLOCK_SIZE"]
 
@@ -66,6 +68,8 @@ def self_attention_scores(features: torch.Tensor, *, include_self: bool = False,
         They sum to 1 with ``include_self=True`` (the mean of ``N`` probability rows) and to
         ``N / (N - 1)`` with ``include_self=False``. A lone token (``N == 1``) scores 1.
     """
+    import torch
+
     if features.dim() != 2:
         raise ValueError(f"features must be [N, D], got shape {tuple(features.shape)}")
     if block_size < 1:
@@ -87,6 +91,8 @@ def _block_column_sums(h: torch.Tensor, start: int, stop: int, scale: float, inc
     At most two ``[stop - start, N]`` float32 buffers are alive (logits, probabilities), and both are
     freed on return, before the next block's are allocated.
     """
+    import torch
+
     logits = torch.matmul(h[start:stop], h.T).mul_(scale)                     # [b, N]
     if not include_self:
         rows = torch.arange(stop - start, device=h.device)

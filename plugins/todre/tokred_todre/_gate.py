@@ -28,13 +28,15 @@ positions are "instruction" and "system" text comes from the model's adapter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import Field
 from tokred import Gate, GateState
 from tokred.options import Number
 from tokred.tokens import AttentionRole
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["InformationMigrationGate", "MigrationRatios", "migration_ratios"]
 
@@ -124,6 +126,8 @@ class InformationMigrationGate(Gate):
         return _visual_to_text(state) < self.tau
 
     def select(self, state: GateState) -> torch.Tensor:
+        import torch
+
         if self.fires(state):
             return torch.zeros(0, dtype=torch.long)
         return torch.arange(state.num_visual)

@@ -29,9 +29,10 @@ Choices the papers leave open, which are ours:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["max_sum_diversity", "k_center", "row_norms", "BLOCK_ELEMENTS"]
 
@@ -81,6 +82,8 @@ def k_center(features: torch.Tensor, k: int, pivot: int) -> torch.Tensor:
 
 def _greedy(features: torch.Tensor, k: int, pivot: int, reduction: _Reduction) -> torch.Tensor:
     """Shared loop: ``reduction`` folds each step's similarities ``[N]`` into the running score."""
+    import torch
+
     if features.dim() != 2:
         raise ValueError(f"features must be 2-D [N, D], got shape {tuple(features.shape)}")
     if not features.is_floating_point():
@@ -129,6 +132,8 @@ def _row_blocks(n: int, dim: int, dtype: torch.dtype, accumulate: torch.dtype) -
 def row_norms(features: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
     """``[N]`` L2 norms of the rows of ``features`` ``[N, D]``, computed in ``accumulate`` precision
     (low-precision rows are upcast block by block, never all at once)."""
+    import torch
+
     n, dim = features.shape
     norms = torch.empty(n, dtype=accumulate, device=features.device)
     for rows in _row_blocks(n, dim, features.dtype, accumulate):
@@ -139,6 +144,8 @@ def row_norms(features: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
 def _cosine_to(features: torch.Tensor, inv_norm: torch.Tensor, index: torch.Tensor, accumulate: torch.dtype,
                *, out: torch.Tensor) -> None:
     """Write into ``out`` ``[N]`` the cosine similarity of every row to row ``index`` (``[1]``)."""
+    import torch
+
     n, dim = features.shape
     anchor = features.index_select(0, index)[0].to(accumulate)                 # [D]
     for rows in _row_blocks(n, dim, features.dtype, accumulate):

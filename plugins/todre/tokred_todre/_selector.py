@@ -10,13 +10,15 @@ the budget is reached. The v1 paper used greedy k-center instead (``objective="k
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 from pydantic import AfterValidator, Field
 from tokred import OptionsError, Selector, VisualTokens
 
 from ._greedy import k_center, max_sum_diversity, row_norms
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DiversitySelector", "Objective", "PivotRule", "pivot_index"]
 
@@ -54,6 +56,8 @@ def pivot_index(tokens: VisualTokens, rule: str) -> int:
 
     Ties go to the lowest index.
     """
+    import torch
+
     _check_pivot(rule)
     n = tokens.num_tokens
     if rule.startswith("index:"):
@@ -114,6 +118,8 @@ class DiversitySelector(Selector):
             )
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
+        import torch
+
         if k == tokens.num_tokens:
             return torch.arange(k)
         greedy = max_sum_diversity if self.objective == "max_sum" else k_center

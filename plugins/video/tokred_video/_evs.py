@@ -37,13 +37,16 @@ How tokred's version relates to vLLM's, and what is ours:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field, model_validator
 from tokred import (
     BudgetOptions, ImageLayout, Method, OptionsError, Schedule, Selector, SelectorStage, VisualTokens, top_k_indices,
 )
 from tokred.budget import split_proportionally
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["NO_PREVIOUS_FRAME", "EVSSelector", "EVSMethod", "evs_scores", "previous_cell", "spread_evenly"]
 
@@ -57,6 +60,8 @@ def previous_cell(tokens: VisualTokens) -> torch.Tensor:
     """``[N]`` long: for each token, the index of the token at the same ``(row, col)`` of the
     previous frame, or -1 when there is none (the first frame, a still image, a frame whose grid
     has no such cell, tokens that are not grid cells)."""
+    import torch
+
     layout = tokens.layout
     n = layout.num_tokens
     previous = torch.full((n,), -1, dtype=torch.long)
@@ -82,6 +87,8 @@ def evs_scores(tokens: VisualTokens) -> torch.Tensor:
     (:func:`previous_cell`) on ``tokens.features`` ``[N, D]``, computed in the features' dtype as
     vLLM does; :data:`NO_PREVIOUS_FRAME` without a previous frame, :data:`NOT_A_CELL` for tokens that
     are not grid cells. Float32 on the features' device."""
+    import torch
+
     features = tokens.features.detach()
     previous = previous_cell(tokens).to(features.device)
     scores = torch.full((tokens.num_tokens,), NO_PREVIOUS_FRAME, dtype=torch.float32, device=features.device)
@@ -103,6 +110,8 @@ def spread_evenly(candidates: torch.Tensor, k: int, layout: ImageLayout | None =
     ``k`` split over the candidates' tiles in proportion to their sizes, and within a tile of
     ``R x C`` cells a lattice of about ``k`` stratum centres spread over rows and columns alike (on a
     plain raster order, a spacing that divides the row width would keep whole columns)."""
+    import torch
+
     m = candidates.numel()
     if k > m:
         raise ValueError(f"cannot spread {k} picks over {m} candidates")
@@ -117,10 +126,14 @@ def spread_evenly(candidates: torch.Tensor, k: int, layout: ImageLayout | None =
 
 
 def _strata(m: int, k: int) -> torch.Tensor:
+    import torch
+
     return ((torch.arange(k, dtype=torch.float64) + 0.5) * m / k).floor().long()
 
 
 def _spread_in_tile(group: torch.Tensor, k: int, layout: ImageLayout, tile: int) -> torch.Tensor:
+    import torch
+
     rows, cols = layout.grids[tile]
     if k == 0:
         return group[:0]
@@ -167,6 +180,8 @@ class EVSSelector(Selector):
     )
 
     def select(self, tokens: VisualTokens, k: int) -> torch.Tensor:
+        import torch
+
         scores = evs_scores(tokens).cpu()
         everything = torch.arange(tokens.num_tokens)
         layout = tokens.layout

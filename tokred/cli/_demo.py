@@ -1,0 +1,200 @@
+"""``tokred demo``: every registered method on a tiny offline model, against the unreduced model."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._common import DEMO_PROMPT, CommandError, ListAction, add_command, number, positive_int
+from ._loading import prompt_inputs
+
+if TYPE_CHECKING:
+    from ..method import Method
+    from ..registry import Registry
+    from ..runtime import RunReport
+    from ._output import Output
+
+__all__ = ["add_parser", "handle"]
+
+_NEW_TOKENS = 8
+
+
+def add_parser(commands: Any) -> None:
+    p = add_command(
+        commands, "demo", help="compare every method on a tiny offline model (no download)",
+        description=(
+            "Build a tiny random-weight model of a supported family (nothing is downloaded) and\n"
+            "compare the unreduced model with every registered method matching --methods, each\n"
+            "created with keep_ratio=--keep-ratio (a method that rejects keep_ratio runs with its\n"
+            "defaults, and the table says so). For each: visual tokens in, entering the language\n"
+            "model, at its last layer, the layer-averaged equivalent, the median prefill time\n"
+            "relative to the unreduced model (runs interleaved so machine noise hits all alike),\n"
+            "and the first tokens of a greedy generation. The weights are random, so the text is\n"
+            "meaningless; timings on a tiny model only indicate the overhead."
+        ),
+        epilog=(
+            "examples:\n  tokred demo\n  tokred demo --methods 'fast*' --keep-ratio 0.25 --repeats 9\n"
+            "  tokred demo --methods random,todre --family llava_next\n  tokred demo --json"
+        ),
+    )
+    p.add_argument("--family", default="llava", metavar="FAMILY",
+                   help="tiny model family, one of tokred.testing.FAMILIES (default: llava)")
+    p.add_argument("--keep-ratio", type=number, default=0.1, metavar="R",
+                   help="per-image budget every method is created with (default: 0.1)")
+    p.add_argument("--methods", action=ListAction, default=["*"], metavar="NAME",
+                   help="methods to compare: names or fnmatch patterns, separated by spaces or commas "
+                        "(default: all)")
+    p.add_argument("--repeats", type=positive_int, default=5, metavar="N",
+                   help="timed prefills per method; the table shows medians (default: 5)")
+    p.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa",
+                   help="transformers attention implementation (default: sdpa)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(handler=handle)
+
+
+@dataclass
+class _Contender:
+    """One row of the demo: the unreduced model (``method is None``) or a registered method."""
+
+    name: str
+    method: Method | None
+    budget: str
+    visual_in: int | None = None
+    layer0: int | None = None
+    last_layer: int | None = None
+    equivalent: float | None = None
+    text: str | None = None
+    error: str | None = None
+    seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "method": self.name, "budget": self.budget, "visual_tokens_in": self.visual_in,
+            "entering_llm": self.layer0, "last_layer": self.last_layer,
+            "equivalent_visual_tokens": self.equivalent,
+            "prefill_time_ratio": statistics.median(self.ratios) if self.ratios else None,
+            "generated_text": self.text, "error": self.error,
+        }
+
+
+def _methods(registry: Registry, patterns: list[str]) -> list[str]:
+    names: list[str] = []
+    for pattern in patterns:
+        matched = registry.list_methods(pattern)
+        if not matched:
+            raise CommandError(
+                f"no registered method matches {pattern!r}; registered: {', '.join(registry.list_methods()) or 'none'}")
+        names += [n for n in matched if n not in names]
+    return names
+
+
+def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
+    from ..testing import FAMILIES, make_image, tiny_model  # imports transformers: only when a command needs it
+
+    if args.family not in FAMILIES:
+        raise CommandError(f"unknown family {args.family!r}; tiny models exist for: {', '.join(FAMILIES)}")
+    names = _methods(registry, args.methods)
+    model, processor = tiny_model(args.family, attn_implementation=args.attn_implementation)
+    inputs = prompt_inputs(processor, [make_image()], DEMO_PROMPT)
+    num_visual = registry.adapter_for(model).count_visual_tokens(inputs)
+
+    contenders = [_Contender("unreduced", None, "all", num_visual, num_visual, num_visual, float(num_visual))]
+    contenders += [_create_contender(registry, name, args.keep_ratio) for name in names]
+    with output.progress(len(contenders) * (1 + args.repeats)) as progress:
+        # The generation doubles as warm-up, so the first timed prefill is not an outlier.
+        for c in contenders:
+            progress.step(f"{c.name} generate")
+            if c.error is None:
+                _generate(model, processor, inputs, c, registry)
+        timed = [c for c in contenders if c.error is None]
+        for repeat in range(1, args.repeats + 1):  # interleaved: drift over time hits every row alike
+            for c in timed:
+                progress.step(f"{c.name} repeat {repeat}/{args.repeats}")
+                c.seconds.append(_time_prefill(model, inputs, c.method, registry))
+            for c in timed:
+                c.ratios.append(c.seconds[-1] / contenders[0].seconds[-1])
+
+    layers = model.config.get_text_config().num_hidden_layers
+    note = ("The weights are random, so the generated text is meaningless; timings on a tiny model only "
+            "indicate the overhead, not the speed-up on a full-size model.")
+    if args.json:
+        output.json({
+            "family": args.family, "keep_ratio": args.keep_ratio, "repeats": args.repeats,
+            "num_layers": layers, "note": note, "rows": [c.row() for c in contenders],
+        })
+    else:
+        output.print(f"tiny random-weight {args.family} model, {layers} decoder layers, {num_visual} visual tokens; "
+                     f"keep_ratio={args.keep_ratio:g}; prefill time is the median over {args.repeats} interleaved "
+                     "repeat(s) of the ratio to the unreduced model\n")
+        output.print(output.table(
+            ["method", "budget", "visual tokens in", "entering the LLM (layer 0)", "at the last layer",
+             "equivalent tokens", "prefill time", f"first {_NEW_TOKENS} generated tokens"],
+            [_cells(c) for c in contenders],
+            right={2, 3, 4, 5, 6},
+        ))
+        output.print(f"\n{note}")
+    return 1 if any(c.error for c in contenders) else 0
+
+
+def _create_contender(registry: Registry, name: str, keep_ratio: float) -> _Contender:
+    from ..errors import OptionsError, TokredError
+
+    try:
+        return _Contender(name, registry.create(name, keep_ratio=keep_ratio), f"keep_ratio={keep_ratio:g}")
+    except OptionsError:
+        pass  # the method has no keep_ratio (or rejects it): show it with its own defaults
+    try:
+        return _Contender(name, registry.create(name), "defaults (rejects keep_ratio)")
+    except TokredError as exc:
+        return _Contender(name, None, "-", error=str(exc))
+
+
+def _generate(model: Any, processor: Any, inputs: Any, c: _Contender, registry: Registry) -> None:
+    """Greedy-generate a few tokens for ``c``, filling its text and token counts (or its error)."""
+    import torch
+
+    from ..runtime import apply
+
+    with torch.no_grad():
+        if c.method is None:
+            output = model.generate(**inputs, max_new_tokens=_NEW_TOKENS, do_sample=False)
+        else:
+            try:
+                with apply(model, c.method, registry=registry) as run:
+                    output = model.generate(**inputs, max_new_tokens=_NEW_TOKENS, do_sample=False)
+            except Exception as exc:  # one broken plugin must not hide the results of the others
+                c.error = f"{type(exc).__name__}: {exc}"
+                return
+            _fill_counts(c, run.report)
+    c.text = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+
+def _fill_counts(c: _Contender, report: RunReport) -> None:
+    c.visual_in = report.visual_tokens_input[0]
+    c.layer0 = report.visual_tokens_per_layer[0][0]
+    c.last_layer = report.visual_tokens_per_layer[-1][0]
+    c.equivalent = report.equivalent_visual_tokens[0]
+
+
+def _time_prefill(model: Any, inputs: Any, method: Method | None, registry: Registry) -> float:
+    """Seconds of one plain forward pass over the prompt; installing the hooks is not timed."""
+    import torch
+
+    from ..bench import timed
+    from ..runtime import apply
+
+    scope = contextlib.nullcontext() if method is None else apply(model, method, registry=registry)
+    with torch.no_grad(), scope:
+        return timed(lambda: model(**inputs), model.device)
+
+
+def _cells(c: _Contender) -> list[str]:
+    if c.error is not None:
+        return [c.name, c.budget, "", "", "", "", "", f"failed: {' '.join(c.error.split())}"]
+    ratio = statistics.median(c.ratios)
+    return [c.name, c.budget, str(c.visual_in), str(c.layer0), str(c.last_layer), f"{c.equivalent:.1f}",
+            f"{ratio:.2f}x", repr(c.text)]

@@ -1,0 +1,73 @@
+"""``tokred doctor``: versions, the transformers internals tokred depends on, the plugins."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from ._common import add_command
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+    from ._output import Output
+
+__all__ = ["add_parser", "handle"]
+
+
+def add_parser(commands: Any) -> None:
+    p = add_command(
+        commands, "doctor", help="check the installation: versions, transformers internals, plugins",
+        description=(
+            "Print the versions of tokred, Python, torch and transformers, whether that transformers\n"
+            "release lies in the range tokred is tested with, every transformers-internal name tokred\n"
+            "depends on (tokred.compat) and whether the installed release has it, and the plugins that\n"
+            "loaded or failed. Exits with 1 when a name is missing or a plugin failed."
+        ),
+        epilog="examples:\n  tokred doctor\n  tokred doctor --json",
+    )
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
+    import platform
+
+    import torch
+
+    from .. import __version__, compat
+
+    checks = [{"name": r.name, "ok": problem is None, "problem": problem} for r, problem in compat.check_transformers()]
+    failures = registry.errors
+    plugins = sorted({e.plugin for kind in ("method", "adapter", "selector", "gate")
+                      for e in registry.entries(kind)})  # type: ignore[arg-type]
+    report = {
+        "tokred": __version__, "python": platform.python_version(), "torch": compat.torch_version(),
+        "cuda": torch.cuda.is_available(), "transformers": compat.transformers_version(),
+        "transformers_tested_range": list(compat.TESTED_TRANSFORMERS),
+        "transformers_in_tested_range": compat.in_tested_range(),
+        "transformers_names": checks, "plugins": plugins, "plugin_errors": [str(f) for f in failures],
+    }
+    healthy = all(c["ok"] for c in checks) and not failures
+    if args.json:
+        output.json(report)
+        return 0 if healthy else 1
+    low, high = compat.TESTED_TRANSFORMERS
+    in_range = report["transformers_in_tested_range"]
+    rows = [
+        ["tokred", __version__], ["python", report["python"]],
+        ["torch", f"{report['torch']} (CUDA {'available' if report['cuda'] else 'not available'})"],
+        ["transformers", f"{report['transformers']} ({'within' if in_range else 'OUTSIDE'} the tested range {low} to {high})"],
+    ]
+    lines = [output.table(["package", "version"], rows), ""]
+    lines.append(output.heading(f"transformers internals tokred depends on ({sum(c['ok'] for c in checks)} of "
+                                f"{len(checks)} found)"))
+    for check in checks:
+        mark = output.style("ok     ", "green") if check["ok"] else output.style("MISSING", "bold red")
+        lines.append(f"  {mark}  {check['name']}" + ("" if check["ok"] else f": {check['problem']}"))
+    lines.append(f"\n{output.heading('plugins')}: {', '.join(plugins) or 'none'}")
+    lines += [f"  {output.style('FAILED', 'bold red')}  {failure}" for failure in failures]
+    if not in_range:
+        lines.append(f"\nnote: transformers {report['transformers']} is not a release tokred was tested with; "
+                     f"`pip install 'transformers>={low},<={high}'` gives one that is")
+    output.print("\n".join(lines))
+    return 0 if healthy else 1

@@ -1,0 +1,107 @@
+"""``tokred eval``: accuracy, retention and agreement of methods x budgets on a task, next to their
+prefill speed-up, measured on the same prompts, batches and scoring (:func:`tokred.eval.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._common import CommandError, ListAction, add_command, number, parse_option, positive_int
+from ._loading import add_model_source, check_options, check_output_file, method_options, open_source
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+    from ._output import Output
+
+__all__ = ["add_parser", "handle"]
+
+
+def add_parser(commands: Any) -> None:
+    p = add_command(
+        commands, "eval", help="accuracy of methods and budgets on a task, next to their speed-up",
+        description=(
+            "Answer every item of a task (a JSONL file: docs/evaluation.md) with the unreduced model\n"
+            "and with every method at every budget, on the same prompts, batches and scoring, and\n"
+            "report accuracy, retention (share of the unreduced accuracy), agreement with the\n"
+            "unreduced answers, visual tokens kept and the prefill speed-up. Multiple-choice items\n"
+            "are scored by the log-likelihood of each choice, or by generation. With --output, every\n"
+            "prediction is appended to a JSONL file as its batch finishes, and a second run with the\n"
+            "same file resumes where the first stopped."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tokred eval --model llava-hf/llava-1.5-7b-hf --task my_task.jsonl --methods todre,fastv \\\n"
+            "      --keep-ratio 0.25,0.1 --output predictions.jsonl --plot accuracy.png\n"
+            "  tokred eval --preset tiny --task my_task.jsonl --methods random --keep 64 --timing-rounds 0 --json"
+        ),
+    )
+    add_model_source(p, required=True)
+    p.add_argument("--task", required=True, type=Path, metavar="FILE", help="the task: a JSONL file, one item per line")
+    p.add_argument("--methods", action=ListAction, default=["*"], metavar="NAME",
+                   help="methods: names or fnmatch patterns, spaces or commas (default: every registered method)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", action=ListAction, element=positive_int, metavar="K",
+                        help="budgets, visual tokens kept per image (default: each method's own default)")
+    budget.add_argument("--keep-ratio", action=ListAction, element=number, metavar="R",
+                        help="budgets as fractions of each image's visual tokens")
+    p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                   help="an option given to every method; repeatable")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="items per batch (default: 8)")
+    p.add_argument("--multiple-choice", choices=("loglikelihood", "generate"), default="loglikelihood",
+                   help="how items with choices are scored (default: loglikelihood)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, metavar="N",
+                   help="generation length of generated answers (default: 16)")
+    p.add_argument("--timing-rounds", type=int, default=3, metavar="N",
+                   help="interleaved rounds of timed prefills per setting; 0 skips timing (default: 3)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="append every prediction to this JSONL file; predictions already in it are reused")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="also draw accuracy against visual-token work to this PNG")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json-file", type=Path, metavar="FILE", help="also write the JSON result to this file")
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
+    from ..eval import evaluate, load_task, plot_accuracy
+    from ._bench import _matching, _shared_options
+
+    for path, flag in ((args.output, "--output"), (args.plot, "--plot"), (args.json_file, "--json-file")):
+        check_output_file(path, flag)
+    if args.timing_rounds < 0:
+        raise CommandError("--timing-rounds must be 0 or more")
+    options = _shared_options(args)
+    names = _matching(registry.list_methods, args.methods, "method")
+    for name in names:
+        check_options(registry, "method", name, options)
+    budgets: list[dict[str, Any]] = ([{"keep_ratio": r} for r in args.keep_ratio] if args.keep_ratio
+                                     else [{"keep": k} for k in args.keep] if args.keep else [{}])
+    methods = [registry.create(name, **{**options, **budget}) for name in names for budget in budgets]
+    task = load_task(args.task)  # every item and image is checked before the model loads
+    source = open_source(args, registry, output)
+    model = source.load_model()
+    with output.progress(1) as progress:
+        result = evaluate(model, source.processor, task, methods, registry=registry, batch_size=args.batch_size,
+                          multiple_choice=args.multiple_choice, max_new_tokens=args.max_new_tokens,
+                          timing_rounds=args.timing_rounds, output=args.output, model_name=source.name,
+                          progress=lambda done, total, what: progress.update(done, total, what))
+    data = result.to_dict()
+    if args.plot is not None:
+        plot_accuracy(result, args.plot)
+        output.note(f"wrote {args.plot}")
+    if args.json_file is not None:
+        args.json_file.write_text(json.dumps(data, indent=2) + "\n")
+        output.note(f"wrote {args.json_file}")
+    if args.json:
+        output.json(data)
+    else:
+        output.print(f"task {result.task} ({data['items']} items), model {result.model}, multiple choice by "
+                     f"{result.scoring}, batch size {result.batch_size}\n")
+        output.print(output.table(result.HEADERS, result.rows(), right=set(range(1, len(result.HEADERS)))))
+        failed = [r for r in result.results if r.error is not None]
+        output.print("\nretention: accuracy over the unreduced model's on the same items; agreement: share of "
+                     "items answered as the unreduced model answered them"
+                     + "".join(f"\n{r.setting.label} failed: {r.error}" for r in failed))
+    return 1 if any(r.error is not None for r in result.results) else 0
+
