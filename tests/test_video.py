@@ -291,7 +291,8 @@ def test_a_video_budget_larger_than_the_clip_is_refused_before_the_language_mode
     calls: list[int] = []
     handle = model.model.language_model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with tokred.apply(model, tokred.create("random", keep=33)), pytest.raises(tokred.BudgetError, match="32 visual tokens"):
+        with tokred.apply(model, tokred.create("random", keep=33)), \
+                pytest.raises(tokred.BudgetError, match="video 0 of sample 0 has 32 visual tokens"):
             logits(model, inputs)
     finally:
         handle.remove()

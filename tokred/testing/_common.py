@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TINY_LANGUAGE_MODEL", "LLAVA_CHAT_TEMPLATE", "chatml_template"]
+__all__ = ["TINY_LANGUAGE_MODEL", "LLAVA_CHAT_TEMPLATE", "LLAVA_CORPUS", "chatml_template"]
 
 #: The language model of every tiny family: 8 layers so per-layer schedules have room, 64 wide, GQA
 #: (4 query / 2 KV heads) on purpose so that KV-cache and attention code cannot silently assume
@@ -18,6 +18,16 @@ TINY_LANGUAGE_MODEL: dict[str, Any] = {
     "intermediate_size": 128,
     "initializer_range": 0.2,
 }
+
+#: Sentences the LLaVA-style tokenizers (LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video) are trained on.
+LLAVA_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "What is shown in this image? Describe the picture in detail.",
+    "A red circle, a green square and a blue triangle on a gradient background.",
+    "USER: What colour is the car? ASSISTANT: The car is yellow.",
+    "There are two cats sitting on a wooden table next to a window.",
+    "Please answer the question with a single word or a short phrase.",
+)
 
 #: The template of llava-hf/llava-1.5-*-hf and llava-v1.6-vicuna (images first, then the text),
 #: extended to accept plain-string content so text-only chats are easy to write in tests.

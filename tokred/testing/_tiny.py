@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 
 from ._bpe import train_byte_level_bpe
-from ._common import LLAVA_CHAT_TEMPLATE, TINY_LANGUAGE_MODEL
+from ._common import LLAVA_CHAT_TEMPLATE, LLAVA_CORPUS, TINY_LANGUAGE_MODEL
 
 from ._tiny_qwen import QWEN_BUILDERS
 from ._tiny_tiled import TILED_BUILDERS
@@ -28,14 +28,7 @@ from ._tiny_video import VIDEO_MODEL_BUILDERS
 __all__ = ["FAMILIES", "make_image", "tiny_model"]
 
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-_CORPUS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "What is shown in this image? Describe the picture in detail.",
-    "A red circle, a green square and a blue triangle on a gradient background.",
-    "USER: What colour is the car? ASSISTANT: The car is yellow.",
-    "There are two cats sitting on a wooden table next to a window.",
-    "Please answer the question with a single word or a short phrase.",
-)
+_CORPUS = LLAVA_CORPUS
 
 # Tiny LLaVA-1.5 dimensions. The vision grid is kept at full size (336 / 14 -> 24x24 = 576
 # visual tokens) because token-reduction code cares about the real token count and grid

@@ -28,7 +28,7 @@ import transformers
 from tokenizers import Tokenizer
 
 from ._bpe import train_byte_level_bpe
-from ._common import TINY_LANGUAGE_MODEL, chatml_template
+from ._common import LLAVA_CORPUS, TINY_LANGUAGE_MODEL, chatml_template
 from ._tiny_qwen import QWEN_CORPUS
 from ._video import TinyFramesVideoProcessor, with_tiny_video_processor
 
@@ -146,20 +146,12 @@ _NEXT_VIDEO_DEFAULTS: dict[str, Any] = {
 }
 
 _LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>")
-_LLAVA_CORPUS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "What is shown in this image? What happens in this video? Describe the picture in detail.",
-    "A red circle, a green square and a blue triangle on a gradient background.",
-    "USER: What colour is the car? ASSISTANT: The car is yellow.",
-    "There are two cats sitting on a wooden table next to a window.",
-    "Please answer the question with a single word or a short phrase.",
-)
 
 
 def _next_video_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """LLaVA-NeXT-Video-*-hf's tokenizer (Vicuna's, BOS prepended) with ``<image>`` and ``<video>``."""
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(train_byte_level_bpe(_LLAVA_CORPUS, _LLAVA_SPECIAL_TOKENS,
+        tokenizer_object=Tokenizer.from_str(train_byte_level_bpe(LLAVA_CORPUS, _LLAVA_SPECIAL_TOKENS,
                                                                  unk_token="<unk>", bos_token="<s>")),
         bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
