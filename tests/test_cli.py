@@ -48,7 +48,7 @@ def test_list_shows_builtin_methods_with_their_provider_and_the_llava_adapter(
     out = capsys.readouterr().out
     methods = _section(out, "methods")
     for name in ("random", "fastv"):
-        assert "tokred-baselines (tokred)" in _row(methods, name)
+        assert "tokred-methods (tokred)" in _row(methods, name)
     assert "FastV" in _row(methods, "fastv")
     assert "LlavaForConditionalGeneration" in _row(_section(out, "adapters"), "llava")
     assert "alias: fastv" in _row(_section(out, "gates"), "last_token_attention")
@@ -60,7 +60,7 @@ def test_list_json_parses_and_names_distributions_and_options(capsys: pytest.Cap
     data = json.loads(capsys.readouterr().out)
     methods = {m["name"]: m for m in data["methods"]}
     assert methods["random"]["distribution"] == "tokred"
-    assert methods["fastv"]["plugin"] == "tokred-baselines"
+    assert methods["fastv"]["plugin"] == "tokred-methods"
     assert {"keep", "keep_ratio", "layer"} <= set(methods["fastv"]["options"])
     assert "llava" in [a["name"] for a in data["adapters"]]
     assert data["plugin_errors"] == []
@@ -314,7 +314,7 @@ def test_doctor_checks_every_transformers_requirement_and_the_plugins(capsys: py
     assert report["transformers"] == compat.transformers_version() and report["transformers_in_tested_range"]
     assert [c["name"] for c in report["transformers_names"]] == [r.name for r in compat.REQUIREMENTS]
     assert all(c["ok"] for c in report["transformers_names"])
-    assert {"tokred-adapters", "tokred-baselines", "todre", "star"} <= set(report["plugins"])
+    assert {"tokred-adapters", "tokred-methods", "todre", "star"} <= set(report["plugins"])
     assert main(["doctor"], registry=_installed_registry()) == 0
     out = capsys.readouterr().out
     assert f"({len(compat.REQUIREMENTS)} of {len(compat.REQUIREMENTS)} found)" in out and "MISSING" not in out

@@ -46,7 +46,7 @@ EXPECTED = [
     f"{_WHERE} tokred_register_selectors: PluginError: {_CONTESTED}: selector 'hostile.nan' (NanScoreSelector) is "
     f"registered without the alias 'example.norm'; {_RESOLVE}",
     f"{_WHERE} tokred_register_methods: PluginError: method name 'fastv' belongs to first-party plugin "
-    "'tokred-baselines' (distribution tokred): method 'hostile-nan' (NanMethod) is registered without the alias 'fastv'",
+    "'tokred-methods' (distribution tokred): method 'hostile-nan' (NanMethod) is registered without the alias 'fastv'",
     f"{_WHERE} tokred_register_methods: PluginError: method name 'todre' belongs to first-party plugin 'todre' "
     "(distribution tokred-todre): method 'hostile-nan' (NanMethod) is registered without the alias 'todre'",
 ]

@@ -5,7 +5,9 @@ Rules (documented in the user guide and tested):
 * exactly one of ``keep`` (an absolute count) and ``keep_ratio`` (a fraction in ``(0, 1]``);
 * budgets are **per image**: ``keep=64`` on a two-image prompt keeps 64 of each;
 * ``keep_ratio`` is relative to the image's own number of visual tokens ``N`` and rounds half up,
-  never below one token: ``k = max(1, floor(keep_ratio * N + 0.5))``;
+  never below one token: ``k = max(1, floor(keep_ratio * N + 0.5))``. A method that reproduces a
+  paper's code may choose another rounding of ``keep_ratio * N`` (``rounding="half_even"``, Python's
+  ``round``; ``rounding="down"``, ``int()``), still never below one token;
 * ``keep > N`` is an error (:class:`~tokred.errors.BudgetError`), never a silent clamp. It is raised
   by :func:`tokred.apply` when the model's token count per image is fixed by its config, otherwise
   when the image is seen, before the language model runs. ``keep == N`` keeps everything.
@@ -50,6 +52,11 @@ class Budget(BaseModel):
         "'tiles': the image's budget is split over its tiles in proportion to their token counts (largest "
         "remainder) and each tile is reduced on its own. Untiled images are one tile.",
     )
+    rounding: Literal["half_up", "half_even", "down"] = Field(
+        "half_up",
+        description="How keep_ratio * N becomes a count (never below 1): 'half_up' (tokred's rule), 'half_even' "
+        "(Python's round) or 'down' (int(), towards zero); for methods that reproduce a paper's code.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Budget:
@@ -75,12 +82,20 @@ class Budget(BaseModel):
                 )
             return self.keep
         assert self.keep_ratio is not None
-        return max(1, min(num_tokens, math.floor(self.keep_ratio * num_tokens + 0.5)))
+        exact = self.keep_ratio * num_tokens
+        if self.rounding == "half_even":
+            count = round(exact)
+        elif self.rounding == "down":
+            count = math.floor(exact)
+        else:
+            count = math.floor(exact + 0.5)
+        return max(1, min(num_tokens, count))
 
     def describe(self) -> str:
         tiles = ", spread over tiles" if self.spread == "tiles" else ""
         if self.keep_ratio is not None:
-            return f"keep_ratio={self.keep_ratio:g}{tiles}"
+            rounding = "" if self.rounding == "half_up" else f", rounding {self.rounding}"
+            return f"keep_ratio={self.keep_ratio:g}{rounding}{tiles}"
         return f"keep={self.keep}" + (" (at most all)" if self.at_most_all else "") + tiles
 
 

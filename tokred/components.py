@@ -12,7 +12,7 @@ gathering, bookkeeping) is the runtime's job, so every method is held to the sam
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -80,7 +80,10 @@ class Selector(Component):
     """
 
     #: Optional inputs the selector reads; the runtime captures only these. Possible values:
-    #: ``"cls_attention"`` (vision [CLS] -> patch attention) and ``"pre_projector"`` features.
+    #: ``"cls_attention"`` (vision [CLS] -> patch attention), ``"pre_projector"`` features (with
+    #: them, :attr:`VisualTokens.project`, the model's projector), ``"vision_keys"`` (the vision
+    #: encoder's key states at the [CLS]-attention layer) and ``"instruction_embeddings"`` (always
+    #: filled; listing it declares that the selection depends on the prompt's text).
     #: A selector gets ``None`` for an input the model cannot provide and falls back as it documents,
     #: unless the input is also in :meth:`required_inputs`.
     inputs: ClassVar[frozenset[str]] = frozenset()
@@ -122,6 +125,19 @@ class Gate(Component):
 
     #: Whether the gate needs a budget. All-or-none gates (ToDRE's) set this to ``False``.
     requires_budget: ClassVar[bool] = True
+
+    #: Which layer's attention :meth:`GateState.attention` and :meth:`GateState.keys` read:
+    #:
+    #: * ``"previous"`` (default; FastV's convention): layer ``l - 1``, observed while it runs, at
+    #:   no extra cost;
+    #: * ``"own"``: the gate's layer ``l`` itself, on the hidden states entering it (before this
+    #:   gate drops anything): the runtime runs that layer's input normalisation and attention
+    #:   module once more, under the observer and without the KV cache, before the gate decides.
+    #:   That is the attention the first layer after the drop would compute (PyramidDrop's score);
+    #:   it costs one attention block over the current sequence per gate.
+    #:
+    #: A subclass may override it as a property that depends on its options.
+    attention_layer: ClassVar[Literal["previous", "own"]] = "previous"
 
     def score(self, state: GateState) -> torch.Tensor:
         """Importance of each alive visual token: ``[V]`` float, higher is kept."""

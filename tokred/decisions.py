@@ -110,6 +110,8 @@ def _select_per_tile(selector: Selector, tokens: VisualTokens, k: int, describe:
             sample_index=tokens.sample_index,
             image_index=tokens.image_index,
             instruction_embeddings=tokens.instruction_embeddings,
+            vision_keys=None if tokens.vision_keys is None else tokens.vision_keys[index.to(tokens.vision_keys.device)],
+            project=tokens.project,
         )
         chosen = check_selection(describe(selector), _call_select(selector, part, share, describe), index.numel(), share, dim)
         kept.append(index[chosen.indices])

@@ -504,7 +504,7 @@ class Registry:
 
             <kind> '<name>' (<ClassName>) from plugin '<plugin>' (distribution <distribution>)
 
-        e.g. ``selector 'random' (RandomSelector) from plugin 'tokred-baselines' (distribution tokred)``.
+        e.g. ``selector 'random' (RandomSelector) from plugin 'tokred-methods' (distribution tokred)``.
         ``(distribution <distribution>)`` reads ``(in-process)`` for a plugin passed as
         ``Registry(plugins=[...])`` and ``(no distribution)`` for an entry point built by hand. A
         class registered under several names is described by the first name in sorted order, an

@@ -6,7 +6,9 @@ fractions such as ``"7/8"`` that are resolved per model (``floor(7/8 * num_layer
 
 A gate at layer ``l`` decides from the attention computed in layer ``l - 1`` and its survivors are
 all that layers ``l, l+1, ...`` see (FastV's convention: Chen et al. 2024, section 4). So layer 0
-cannot hold a gate; reduction before the first layer is a Selector's job.
+cannot hold a gate; reduction before the first layer is a Selector's job. A gate may instead read
+layer ``l``'s own attention on its input (``Gate.attention_layer = "own"``, PyramidDrop's score),
+which the runtime computes with one extra call of that layer's attention module.
 """
 
 from __future__ import annotations

@@ -170,7 +170,18 @@ class VisualTokens:
         instruction_embeddings: ``[T, D]`` the language model's input embeddings of the sample's
             instruction text (the ``"instruction"`` role of :meth:`GateState.attention`: the text
             after the first image), in sequence order, for instruction-conditioned selectors;
-            ``[0, D]`` when the sample has none. The same for every image of a sample.
+            ``[0, D]`` when the sample has none. The same for every image of a sample. Always
+            filled; a selector whose choice depends on it lists ``"instruction_embeddings"`` in
+            :attr:`Selector.inputs`, so that tools comparing runs know its decisions read the text.
+        vision_keys: ``[N, D_k]`` the vision encoder's key states at the feature layer (the same
+            layer and attention module as :attr:`cls_attention`), averaged over heads, one row per
+            token, when the selector asked for ``"vision_keys"`` and the adapter captures them, else
+            ``None``. Tokens that merge several patches (InternVL's 2x2 pixel shuffle) concatenate
+            their patches' rows the way their features are concatenated.
+        project: ``[n, D_v] -> [n, D]``, the model's own multimodal projector applied to
+            pre-projector rows (what turns :attr:`pre_projector` into :attr:`features`), for
+            selectors that merge tokens before the projector; set when the selector asked for
+            ``"pre_projector"`` and the model has such a projector, else ``None``.
     """
 
     features: torch.Tensor
@@ -180,6 +191,8 @@ class VisualTokens:
     sample_index: int = 0
     image_index: int = 0
     instruction_embeddings: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -224,8 +237,14 @@ class GateState:
         num_system: number of system-text positions.
         hidden_states: ``[L, D]`` this sample's hidden states entering the layer (padding removed).
         attention_source: ``(queries, keys) -> [heads, Q, K]``, what :meth:`attention` returns; the
-            runtime computes it from the previous layer's query and key states.
+            runtime computes it from the query and key states of the layer named by the gate's
+            :attr:`~tokred.Gate.attention_layer` (the previous layer by default).
             :func:`tokred.testing.make_gate_state` builds one from a given attention matrix.
+        positions_source: ``role -> [n]`` long, what :meth:`positions` returns.
+        key_source: ``role -> [H_kv, n, d]``, what :meth:`keys` returns (``None`` role: every
+            position); the runtime reads it from the same observed layer as :attr:`attention_source`.
+        final_norm: the language model's final normalisation (``[n, D] -> [n, D]``), what
+            :meth:`normed_hidden_states` applies.
     """
 
     layer: int
@@ -239,13 +258,48 @@ class GateState:
     visual_tile: torch.Tensor | None = None
     keep_per_tile: list[list[int]] | None = None
     attention_source: Callable[[AttentionRole, AttentionRole], torch.Tensor] | None = field(repr=False, default=None)
+    positions_source: Callable[[AttentionRole], torch.Tensor] | None = field(repr=False, default=None)
+    key_source: Callable[[AttentionRole | None], torch.Tensor] | None = field(repr=False, default=None)
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
 
     @property
     def num_visual(self) -> int:
         return int(self.visual_image.numel())
 
+    def positions(self, role: AttentionRole) -> torch.Tensor:
+        """``[n]`` long: the positions of ``role`` (the roles of :meth:`attention`) as indices into
+        :attr:`hidden_states`, increasing. ``positions("visual")[i]`` is alive-relative visual token
+        ``i``."""
+        if self.positions_source is None:
+            raise RuntimeError("this GateState has no positions source (see tokred.testing.make_gate_state)")
+        return self.positions_source(role)
+
+    def keys(self, role: AttentionRole | None = "visual") -> torch.Tensor:
+        """``[H_kv, n, d]`` float32: the key states of the observed layer (the layer before by
+        default, see :attr:`~tokred.Gate.attention_layer`) at the positions of ``role``, in
+        sequence order; ``None`` gives every position of the sample (``n = L``). Keys are taken
+        after the rotary embedding, one row per key-value head (grouped heads are not expanded).
+
+        They come from the attention observer that wraps the layer's kernel without changing it, so
+        a gate that reads only keys (and hidden states) runs under any attention implementation
+        and never forms attention probabilities."""
+        if self.key_source is None:
+            raise RuntimeError("this GateState has no key states (see tokred.testing.make_gate_state)")
+        return self.key_source(role)
+
+    def normed_hidden_states(self, role: AttentionRole | None = None) -> torch.Tensor:
+        """``[n, D]``: :attr:`hidden_states` at the positions of ``role`` (``None``: all ``L``)
+        passed through the language model's final normalisation (the norm before the LM head), as
+        if the decoder ended here. Computed on demand for the requested rows only."""
+        if self.final_norm is None:
+            raise RuntimeError("this GateState has no final norm (see tokred.testing.make_gate_state)")
+        hidden = self.hidden_states if role is None else self.hidden_states[self.positions(role).to(self.hidden_states.device)]
+        return self.final_norm(hidden)
+
     def attention(self, queries: AttentionRole = "instruction", keys: AttentionRole = "visual") -> torch.Tensor:
-        """Attention probabilities of the previous layer from ``queries`` to ``keys``.
+        """Attention probabilities of the observed layer from ``queries`` to ``keys``: the layer
+        before the gate's by default, the gate's own layer on its input for gates with
+        ``attention_layer = "own"`` (:attr:`~tokred.Gate.attention_layer`).
 
         Returns ``[heads, Q, K]`` float32: the softmax-normalised attention (normalised over every
         key the query can see, causal mask and padding included), restricted to the requested query

@@ -62,7 +62,7 @@ def test_a_vision_language_model_without_an_adapter_is_refused_before_its_weight
     import importlib.metadata
 
     methods_only = tokred.Registry(entry_points=[  # the baseline methods, but no adapter: no model is supported
-        ep for ep in importlib.metadata.entry_points(group="tokred") if ep.name == "tokred-baselines"])
+        ep for ep in importlib.metadata.entry_points(group="tokred") if ep.name == "tokred-methods"])
     error = _one_line_error(capsys, [*RUN, "--model", str(saved_llava[0])], methods_only)
     assert "holds a LlavaForConditionalGeneration, which no tokred adapter handles" in error
 

@@ -9,9 +9,10 @@ this; they get tensors (:class:`~tokred.tokens.VisualTokens`, :class:`~tokred.to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 from .. import compat
 from ..compat import Keyword
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 __all__ = [
-    "Adapter", "ImageSpan", "VisionProbes", "capture_projector_inputs", "cls_attention_rows", "encoder_layer_of",
+    "Adapter", "ImageSpan", "VisionProbes", "capture_projector_inputs", "cls_attention_rows", "encoder_layer_of", "key_rows",
     "order_spans", "split_image_tokens",
     "split_runs",
 ]
@@ -71,32 +72,50 @@ class ImageSpan:
 class VisionProbes:
     """What an adapter captured from the vision side during one prefill, per encoder image.
 
-    ``pre_projector[i]``: ``[N, D_v]``; ``cls_attention[i]``: ``[N]``, for encoder image ``i``.
+    ``pre_projector[i]``: ``[N, D_v]``; ``cls_attention[i]``: ``[N]``; ``vision_keys[i]``:
+    ``[N, D_k]`` (the feature layer's key states, head mean), for encoder image ``i``.
     """
+
+    #: The captured inputs, each a list with one entry per encoder row.
+    NAMES: tuple[str, ...] = ("pre_projector", "cls_attention", "vision_keys")
 
     def __init__(self) -> None:
         self.pre_projector: list[torch.Tensor] = []
         self.cls_attention: list[torch.Tensor] = []
+        self.vision_keys: list[torch.Tensor] = []
+        #: ``False`` while :meth:`paused`: capture hooks must then record nothing.
+        self.capturing = True
         self._flat: dict[str, tuple[int, torch.Tensor]] = {}
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within this block capture hooks record nothing: the runtime calls the model's projector
+        for a merging selector (:attr:`VisualTokens.project`), and those rows are not encoder
+        outputs. Capture hooks of adapters check :attr:`capturing`."""
+        previous, self.capturing = self.capturing, False
+        try:
+            yield
+        finally:
+            self.capturing = previous
+
     def clear(self) -> None:
-        self.pre_projector.clear()
-        self.cls_attention.clear()
+        for name in self.NAMES:
+            getattr(self, name).clear()
         self._flat.clear()
 
     def snapshot(self) -> VisionProbes:
         """A copy holding the same captured tensors (not copied), for :meth:`restore`."""
         copy = VisionProbes()
-        copy.pre_projector = list(self.pre_projector)
-        copy.cls_attention = list(self.cls_attention)
+        for name in self.NAMES:
+            setattr(copy, name, list(getattr(self, name)))
         return copy
 
     def restore(self, snapshot: VisionProbes) -> None:
         """Replace what is captured with ``snapshot``'s captures, in place (capture hooks keep
         writing into this object)."""
         self.clear()
-        self.pre_projector.extend(snapshot.pre_projector)
-        self.cls_attention.extend(snapshot.cls_attention)
+        for name in self.NAMES:
+            getattr(self, name).extend(getattr(snapshot, name))
 
     def flat(self, name: str) -> torch.Tensor:
         """The captured rows of ``name`` concatenated (``[rows * cells, ...]``), computed once per
@@ -180,8 +199,9 @@ class Adapter:
     # ---------------------------------------------------------------- prefill
 
     def probe_values(self, probes: VisionProbes, name: str, span: ImageSpan) -> torch.Tensor:
-        """What the probes captured under ``name`` for one image: ``[N]`` (``cls_attention``) or
-        ``[N, D_v]`` (``pre_projector``), aligned with the image's tokens.
+        """What the probes captured under ``name`` for one image: ``[N]`` (``cls_attention``),
+        ``[N, D_v]`` (``pre_projector``) or ``[N, D_k]`` (``vision_keys``), aligned with the
+        image's tokens.
 
         Images seen as one encoder row take that row; tiled images gather their tokens' cells
         through :attr:`ImageSpan.probe_rows` (tokens without a source get zeros: no [CLS] attention
@@ -209,13 +229,43 @@ class Adapter:
 
     def available_inputs(self) -> frozenset[str]:
         """The optional selector inputs this model can provide (``"cls_attention"``,
-        ``"pre_projector"``). Selectors asking for others get ``None`` and must fall back."""
+        ``"pre_projector"``, ``"vision_keys"``; ``"instruction_embeddings"`` is always provided and
+        not listed). Selectors asking for others get ``None`` and must fall back."""
         return frozenset()
 
     def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
         """Install hooks that fill ``probes`` with what ``wanted`` names (``"pre_projector"``,
-        ``"cls_attention"``); return the callables that remove them. Default: nothing available."""
+        ``"cls_attention"``, ``"vision_keys"``); return the callables that remove them. Default:
+        nothing available."""
         return []
+
+    def projector(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The model's multimodal projector as a function of pre-projector rows, ``[n, D_v] ->
+        [n, D]`` (the features :attr:`VisionProbes.pre_projector` captures, in the same format), for
+        selectors that merge tokens before projecting them (:attr:`VisualTokens.project`); ``None``
+        when the model has none that maps single tokens (default)."""
+        return None
+
+    def final_norm(self) -> nn.Module:
+        """The language model's normalisation after its last decoder layer (before the LM head),
+        which :meth:`GateState.normed_hidden_states` applies. Default: ``language_model().norm``."""
+        import torch.nn as nn
+
+        norm = getattr(self.language_model(), "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise RuntimeStateError(f"the {self.family} adapter finds no final norm at language_model().norm")
+        return norm
+
+    def attention_input_norm(self, layer: nn.Module) -> nn.Module:
+        """The normalisation a decoder layer applies to its input before its attention module
+        (``input_layernorm`` in Llama, Qwen2/2.5/3): with :meth:`self_attention` what a gate with
+        ``attention_layer = "own"`` runs to compute its layer's attention."""
+        import torch.nn as nn
+
+        norm = getattr(layer, "input_layernorm", None)
+        if not isinstance(norm, nn.Module):
+            raise RuntimeStateError(f"the {self.family} adapter finds no input_layernorm on {type(layer).__name__}")
+        return norm
 
     def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         """Every image's tokens in ``input_ids`` (``[B, L]``), in the order the encoder saw them.
@@ -387,7 +437,8 @@ def capture_projector_inputs(projector: nn.Module, probes: VisionProbes) -> Call
     """Record the multimodal projector's input, one ``[cells, D_v]`` entry per encoder row, in
     ``probes.pre_projector``; return the remover."""
     def on_projector(module: nn.Module, args: tuple) -> None:
-        probes.pre_projector.extend(args[0].detach().unbind(0))
+        if probes.capturing:
+            probes.pre_projector.extend(args[0].detach().unbind(0))
 
     return projector.register_forward_pre_hook(on_projector).remove
 
@@ -399,6 +450,13 @@ def cls_attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float) -
 
     row = torch.softmax((query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scaling, dim=-1)   # [B, H, 1, L]
     return row.mean(dim=1)[:, 0]
+
+
+def key_rows(key: torch.Tensor) -> torch.Tensor:
+    """``[B, L, d]``: a vision attention layer's key states ``[B, H, L, d]`` averaged over heads
+    (VisionZip's metric: Yang et al., CVPR 2025, dvlab-research/VisionZip@3151f6d
+    ``visionzip/utils.py`` 24 and 89, ``raw_key_states.mean(1)``)."""
+    return key.detach().float().mean(dim=1)
 
 
 def encoder_layer_of(feature_layer: int | Sequence[int], num_layers: int) -> int | None:

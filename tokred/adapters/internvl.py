@@ -29,7 +29,8 @@ heads, ``[s * s]``; the attention of the four patches that pixel shuffle merges 
 **summed** onto that token (the merged token's share of the [CLS] attention; the mean would rank the
 same). The grouping is computed by running the model's own ``pixel_shuffle`` on the attention map,
 so it follows the model's patch order exactly. Pre-projector features are the pixel-shuffled features
-``[256, 4 * D_v]`` that enter the projector.
+``[256, 4 * D_v]`` that enter the projector (:meth:`InternVLAdapter.projector` maps such rows), and
+the vision keys (the feature layer's key states, head mean) are pixel-shuffled alike, ``[256, 4 * d]``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
 from .base import (
-    Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, order_spans,
+    Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, key_rows, order_spans,
     split_image_tokens,
 )
 
@@ -163,15 +164,29 @@ class InternVLAdapter(Adapter):
         return True
 
     def available_inputs(self) -> frozenset[str]:
-        return frozenset({"pre_projector", "cls_attention"} if self._feature_layer_index() is not None else {"pre_projector"})
+        """Pre-projector features always; the [CLS] attention and the vision keys when the feature
+        layer is an encoder layer."""
+        if self._feature_layer_index() is None:
+            return frozenset({"pre_projector"})
+        return frozenset({"pre_projector", "cls_attention", "vision_keys"})
+
+    def projector(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ``multi_modal_projector`` on pixel-shuffled rows: ``[n, 4 * D_v] -> [n, D]``."""
+        return self.multimodal_model().multi_modal_projector  # type: ignore[no-any-return]
+
+    def _shuffle_merged(self, patch_values: torch.Tensor) -> torch.Tensor:
+        """``[R, s * s, c]`` per-patch values -> ``[R, (s/2)^2, 4 c]`` per merged token, by the
+        model's own pixel shuffle: each token's row concatenates its patches' values in the order
+        its features concatenate them."""
+        side = self._patch_side()
+        grid = patch_values.reshape(patch_values.shape[0], side, side, patch_values.shape[-1])
+        shuffled = self.multimodal_model().pixel_shuffle(grid, scale_factor=float(self.model.config.downsample_ratio))  # type: ignore[union-attr,operator]
+        return shuffled.reshape(patch_values.shape[0], -1, shuffled.shape[-1])
 
     def _pool_merged(self, patch_values: torch.Tensor) -> torch.Tensor:
         """``[R, s * s]`` per-patch values -> ``[R, (s/2)^2]`` per merged token: the model's own pixel
         shuffle groups each token's patches into its channels, which are then summed."""
-        side = self._patch_side()
-        grid = patch_values.reshape(patch_values.shape[0], side, side, 1)
-        shuffled = self.multimodal_model().pixel_shuffle(grid, scale_factor=float(self.model.config.downsample_ratio))  # type: ignore[union-attr,operator]
-        return shuffled.reshape(patch_values.shape[0], -1, shuffled.shape[-1]).sum(dim=-1)
+        return self._shuffle_merged(patch_values[..., None]).sum(dim=-1)
 
     def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
         from ..runtime._attention import observe_attention
@@ -181,10 +196,18 @@ class InternVLAdapter(Adapter):
         if "pre_projector" in wanted:
             removers.append(capture_projector_inputs(mm.multi_modal_projector, probes))
         layer_index = self._feature_layer_index()
-        if "cls_attention" in wanted and layer_index is not None:
+        attention_inputs = wanted & {"cls_attention", "vision_keys"} & self.available_inputs()
+        if attention_inputs and layer_index is not None:
+            # One observer of the feature layer's attention serves both inputs.
             def on_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-                cls_to_patches = cls_attention_rows(query, key, scaling)[:, 1:]  # [tiles, s * s]
-                probes.cls_attention.extend(self._pool_merged(cls_to_patches).unbind(0))
+                if not probes.capturing:
+                    return
+                if "cls_attention" in attention_inputs:
+                    cls_to_patches = cls_attention_rows(query, key, scaling)[:, 1:]  # [tiles, s * s]
+                    probes.cls_attention.extend(self._pool_merged(cls_to_patches).unbind(0))
+                if "vision_keys" in attention_inputs:
+                    patch_keys = key_rows(key)[:, 1:]                                 # [tiles, s * s, d]
+                    probes.vision_keys.extend(self._shuffle_merged(patch_keys).unbind(0))   # [tiles, (s/2)^2, 4 d]
 
             removers.append(observe_attention(self._vision_layers()[layer_index].attention, on_attention))
         return removers

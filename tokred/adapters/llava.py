@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..tokens import ImageLayout
-from .base import Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, split_runs
+from .base import (
+    Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, key_rows, split_runs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +68,14 @@ class LlavaAdapter(Adapter):
         return "CLIP" in type(tower).__name__
 
     def available_inputs(self) -> frozenset[str]:
+        """Pre-projector features always; with a CLIP tower ([CLS] token) whose feature layer is an
+        encoder layer, also the [CLS] attention and the key states of that layer."""
         cls = self.has_cls_token() and self._feature_layer_index() is not None
-        return frozenset({"pre_projector", "cls_attention"} if cls else {"pre_projector"})
+        return frozenset({"pre_projector", "cls_attention", "vision_keys"} if cls else {"pre_projector"})
+
+    def projector(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ``multi_modal_projector`` (a per-token MLP): ``[n, D_v] -> [n, D]``."""
+        return self.multimodal_model().multi_modal_projector  # type: ignore[no-any-return]
 
     def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
         from ..runtime._attention import observe_attention
@@ -77,12 +85,19 @@ class LlavaAdapter(Adapter):
         if "pre_projector" in wanted:
             removers.append(capture_projector_inputs(mm.multi_modal_projector, probes))
         layer_index = self._feature_layer_index()
-        if "cls_attention" in wanted and "cls_attention" in self.available_inputs():
-            keeps_cls = self._keeps_cls()
+        attention_inputs = wanted & {"cls_attention", "vision_keys"} & self.available_inputs()
+        if attention_inputs:
+            first = 0 if self._keeps_cls() else 1  # the [CLS] row is a visual token only with "full"
 
+            # One observer of the feature layer's attention serves both inputs.
             def on_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-                cls_to_tokens = cls_attention_rows(query, key, scaling)         # [images, 1 + patches]
-                probes.cls_attention.extend((cls_to_tokens if keeps_cls else cls_to_tokens[:, 1:]).unbind(0))
+                if not probes.capturing:
+                    return
+                if "cls_attention" in attention_inputs:
+                    cls_to_tokens = cls_attention_rows(query, key, scaling)     # [images, 1 + patches]
+                    probes.cls_attention.extend(cls_to_tokens[:, first:].unbind(0))
+                if "vision_keys" in attention_inputs:
+                    probes.vision_keys.extend(key_rows(key)[:, first:].unbind(0))   # [images, patches, d]
 
             layers = self._vision_layers()
             assert layers is not None and layer_index is not None

@@ -22,7 +22,8 @@ Newline tokens (option ``newline_tokens``):
   was trained on; a fully pruned row leaves its newline behind.
 * ``"prune"``: they are candidates like any visual token (``layout.extra`` marks them; their
   ``row``/``col`` are -1 and their tile is that of the row's last cell). They carry no [CLS]
-  attention (0) and no pre-projector features, so that input is not offered in this mode.
+  attention (0) and no pre-projector features or vision keys, so those inputs are not offered in
+  this mode.
 
 [CLS] attention is computed per encoder row (thumbnail and each tile attend within themselves, at
 the feature layer the projector reads) and gathered onto the tokens: each token gets the attention
@@ -147,8 +148,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def available_inputs(self) -> frozenset[str]:
         inputs = super().available_inputs()
-        # Newline tokens have no vision-side features; zeros would be made-up data.
-        return inputs - {"pre_projector"} if self.newline_tokens == "prune" else inputs
+        # Newline tokens have no vision-side features or keys; zeros would be made-up data.
+        return inputs - {"pre_projector", "vision_keys"} if self.newline_tokens == "prune" else inputs
 
     # ------------------------------------------------------------------ layout
 

@@ -83,9 +83,11 @@ class QwenVLAdapter(Adapter):
         return int(self.model.config.vision_config.spatial_merge_size)  # type: ignore[union-attr]
 
     def available_inputs(self) -> frozenset[str]:
-        """None: Qwen's vision towers have no [CLS] token, so there is no [CLS] attention, and
-        pre-projector features are not captured (the 2x2 merger sees four patches per token, in
-        window order on Qwen2.5-VL). Selectors get ``None`` for both and fall back as they document."""
+        """None: Qwen's vision towers have no [CLS] token, so there is no [CLS] attention (nor the
+        vision keys of a [CLS]-attention layer), and pre-projector features are not captured (the
+        2x2 merger sees four patches per token, in window order on Qwen2.5-VL), so there is no
+        projector of single tokens either. Selectors get ``None`` for these and fall back as they
+        document, or refuse the model through :meth:`~tokred.Selector.required_inputs`."""
         return frozenset()
 
     # ------------------------------------------------------------------ images

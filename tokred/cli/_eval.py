@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._common import CommandError, ListAction, add_command, number, parse_option, positive_int
-from ._loading import add_model_source, check_options, check_output_file, method_options, open_source
+from ._loading import add_model_source, check_options, check_output_file, open_source
 
 if TYPE_CHECKING:
     from ..registry import Registry

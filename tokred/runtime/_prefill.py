@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -30,7 +30,7 @@ from ..tokens import Selection, VisualTokens
 from ._calls import check_left_padded
 from ._decode import CacheState, next_position
 from ._frozen import Decisions, source_row
-from ._gating import run_gate
+from ._gating import probe_own_attention, run_gate
 from ._sequence import causal_key_mask, format_mask, gather_positions, gather_rows, left_pack
 
 if TYPE_CHECKING:
@@ -89,6 +89,8 @@ class Prefill:
     held: dict[str, Any] = field(default_factory=dict)
     counted: tuple[Layout, list[int], list[int]] | None = None
     layer_inputs: tuple[tuple[int, ...], dict[str, Any]] | None = None
+    #: The gate layer whose own attention is being computed (:func:`._gating.probe_own_attention`).
+    probing: int | None = None
 
     def reduced_layer_inputs(self, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
         """Position embeddings, position ids and mask of the current layout. The language model
@@ -252,18 +254,35 @@ def _stage1(state: RunState, span: ImageSpan, embeds: torch.Tensor, instruction:
     n = span.positions.numel()
     if state.frozen:
         return state.decisions.replay_selection(source_row(state.frozen_rows, span.sample), span.sample, span.image, n)
+    pre_projector = _probe(state, "pre_projector", span)
     tokens = VisualTokens(
         features=embeds[span.sample, span.positions.to(embeds.device)],
         layout=span.layout,
-        pre_projector=_probe(state, "pre_projector", span),
+        pre_projector=pre_projector,
         cls_attention=_probe(state, "cls_attention", span),
         sample_index=span.sample,
         image_index=span.image,
         instruction_embeddings=embeds[span.sample, instruction.to(embeds.device)],
+        vision_keys=_probe(state, "vision_keys", span),
+        project=None if pre_projector is None else _projector(state),
     )
     selection = select_image_tokens(stage, tokens, describe=state.describe)
     state.decisions.record_selection(span.sample, span.image, n, selection)
     return selection
+
+
+def _projector(state: RunState) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The adapter's projector for :attr:`VisualTokens.project`, with the vision probes paused while
+    it runs (its input is a selector's merge, not an encoder output to capture)."""
+    projector = state.adapter.projector()
+    if projector is None:
+        return None
+
+    def project(rows: torch.Tensor) -> torch.Tensor:
+        with state.probes.paused():
+            return projector(rows)
+
+    return project
 
 
 def _probe(state: RunState, name: str, span: ImageSpan) -> torch.Tensor | None:
@@ -273,6 +292,17 @@ def _probe(state: RunState, name: str, span: ImageSpan) -> torch.Tensor | None:
     if name not in selector.inputs or name not in state.adapter.available_inputs():
         return None
     return state.adapter.probe_values(state.probes, name, span)
+
+
+def _current_layer_inputs(state: RunState, kwargs: dict, hidden: torch.Tensor) -> dict[str, Any]:
+    """A decoder layer's keyword inputs as the current layout needs them (what the layer itself
+    gets when no gate acts at it)."""
+    prefill = state.prefill
+    assert prefill is not None
+    if prefill.current is prefill.entry:
+        return kwargs
+    return {**kwargs, **prefill.reduced_layer_inputs(kwargs, hidden),
+            **state.adapter.reduce_layer_kwargs(kwargs, prefill.current.entry_index)}
 
 
 def prefill_layer(state: RunState, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -286,6 +316,9 @@ def prefill_layer(state: RunState, index: int, args: tuple, kwargs: dict) -> tup
     if index in prefill.gate_layers:
         start = time.perf_counter()
         sync(hidden.device)
+        gate = state.schedule.gates[prefill.gate_layers[index]].gate
+        if gate.attention_layer == "own" and not state.frozen:
+            probe_own_attention(state, index, hidden, _current_layer_inputs(state, kwargs, hidden))
         local = run_gate(state, index, prefill, hidden)
         prefill.current = prefill.current.select(local)
         hidden = gather_rows(hidden, local, seq_dim=1)

@@ -40,7 +40,7 @@ from ..schedule import Schedule
 from ._attention import observe_attention
 from ._calls import classify_call, finish_call
 from ._decode import decode_inputs, decode_layer_inputs
-from ._gating import stash_for
+from ._gating import observed_layers, stash_for
 from ._labels import score_labels, take_labels
 from ._prefill import pack_prefill, prefill_layer
 from ._state import RunState
@@ -216,6 +216,10 @@ class Run:
     def _check_static(self) -> None:
         self.adapter.check_model_state()
         self.adapter.validate(self.gate_layers, schedule=self.schedule)
+        for layer, stage in zip(self.gate_layers, self.schedule.gates):
+            if stage.gate.attention_layer not in ("previous", "own"):
+                raise ScheduleError(f"{type(stage.gate).__name__} at layer {layer}: attention_layer must be 'previous' or "
+                                    f"'own', got {stage.gate.attention_layer!r}")
         stage = self.schedule.selector
         if stage is not None:
             missing = sorted(stage.selector.required_inputs() - self.adapter.available_inputs())
@@ -242,8 +246,9 @@ class Run:
         self._hook(lm.register_forward_hook(lambda m, a, k, out: finish_call(state, out), with_kwargs=True))
         for index, layer in enumerate(layers):
             self._hook(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True, prepend=True))
-        for layer in self.gate_layers:
-            self._removers.append(observe_attention(adapter.self_attention(layers[layer - 1]), stash_for(state, layer)))
+        sources = [stage.gate.attention_layer for stage in self.schedule.gates]
+        for observed, served in observed_layers(self.gate_layers, sources).items():
+            self._removers.append(observe_attention(adapter.self_attention(layers[observed]), stash_for(state, served)))
         wanted = self.schedule.selector.selector.inputs if self.schedule.selector else frozenset()
         self._removers.extend(adapter.install_vision_probes(state.probes, wanted))
 

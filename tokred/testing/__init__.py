@@ -8,6 +8,7 @@ property (see :mod:`tokred.testing._checks`) on every registered adapter that ha
 from ._checks import (
     CHECKS,
     ConformanceError,
+    Refusal,
     check_method,
     conformance_cases,
     parametrize_with_checks,
@@ -21,5 +22,5 @@ from ._video import make_video
 __all__ = [
     "FAMILIES", "VIDEO_FAMILIES", "VIDEO_ADAPTER_OPTIONS", "make_image", "make_video", "tiny_model", "tiny_inputs",
     "tiny_video_inputs", "make_visual_tokens", "make_gate_state",
-    "CHECKS", "ConformanceError", "check_method", "conformance_cases", "parametrize_with_checks",
+    "CHECKS", "ConformanceError", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
 ]

@@ -8,7 +8,7 @@ runtime gives every field.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -25,6 +25,8 @@ def make_visual_tokens(
     cls_attention: torch.Tensor | None = None,
     pre_projector: torch.Tensor | None = None,
     instruction_embeddings: torch.Tensor | None = None,
+    vision_keys: torch.Tensor | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> VisualTokens:
     """One image's tokens as a Selector sees them.
 
@@ -36,6 +38,8 @@ def make_visual_tokens(
         pre_projector: ``[N, D_v]`` vision features before the projector, or ``None``.
         instruction_embeddings: ``[T, D]`` input embeddings of the sample's instruction text, or
             ``None``.
+        vision_keys: ``[N, D_k]`` the vision encoder's key states (head mean), or ``None``.
+        project: the projector, ``[n, D_v] -> [n, D]``, or ``None``.
     """
     n = int(features.shape[0])
     if layout is None:
@@ -46,7 +50,7 @@ def make_visual_tokens(
     elif layout.num_tokens != n:
         raise ValueError(f"the layout holds {layout.num_tokens} tokens, the features {n}")
     return VisualTokens(features=features, layout=layout, pre_projector=pre_projector, cls_attention=cls_attention,
-                        instruction_embeddings=instruction_embeddings)
+                        instruction_embeddings=instruction_embeddings, vision_keys=vision_keys, project=project)
 
 
 def make_gate_state(
@@ -61,6 +65,8 @@ def make_gate_state(
     keep_per_tile: list[list[int]] | None = None,
     hidden_states: torch.Tensor | None = None,
     layer: int = 1,
+    keys: torch.Tensor | None = None,
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GateState:
     """One sample's state at a gate layer, with the attention of the layer before given as a whole.
 
@@ -77,9 +83,14 @@ def make_gate_state(
         keep_per_tile: the budget per tile of each image (``Budget(spread="tiles")``), or ``None``.
         hidden_states: ``[L, D]`` hidden states entering the layer (default: zeros, ``D = 1``).
         layer: the decoder layer the gate acts at.
+        keys: ``[H_kv, L, d]`` key states of the observed layer, from which :meth:`GateState.keys`
+            slices by role, or ``None``.
+        final_norm: what :meth:`GateState.normed_hidden_states` applies (``[n, D] -> [n, D]``), or
+            ``None``.
 
     The roles are those the runtime gives: ``"visual"`` (``visual``), ``"instruction"``, ``"system"``,
     ``"text"`` (system and instruction, in sequence order) and ``"last"`` (position ``L - 1``).
+    Positions are rows of ``hidden_states`` (:meth:`GateState.positions` returns them as given).
     """
     if attention.dim() != 3 or attention.shape[1] != attention.shape[2]:
         raise ValueError(f"attention must be [H, L, L], got shape {tuple(attention.shape)}")
@@ -102,6 +113,20 @@ def make_gate_state(
             raise ValueError(f"attention roles are {sorted(roles)}, got {queries!r} -> {keys!r}")
         return attention[:, roles[queries]][:, :, roles[keys]].float()
 
+    def positions(role: AttentionRole) -> torch.Tensor:
+        if role not in roles:
+            raise ValueError(f"roles are {sorted(roles)}, got {role!r}")
+        return roles[role]
+
+    key_source = None
+    if keys is not None:
+        if keys.dim() != 3 or keys.shape[1] != length:
+            raise ValueError(f"keys must be [H_kv, {length}, d], got shape {tuple(keys.shape)}")
+        key_states = keys
+
+        def key_source(role: AttentionRole | None) -> torch.Tensor:
+            return (key_states if role is None else key_states[:, positions(role)]).float()
+
     return GateState(
         layer=layer, sample_index=0,
         visual_image=torch.as_tensor(list(visual_image) if visual_image is not None else [0] * v, dtype=torch.long),
@@ -112,4 +137,7 @@ def make_gate_state(
         visual_tile=torch.as_tensor(list(visual_tile) if visual_tile is not None else [0] * v, dtype=torch.long),
         keep_per_tile=keep_per_tile,
         attention_source=slice_attention,
+        positions_source=positions,
+        key_source=key_source,
+        final_norm=final_norm,
     )

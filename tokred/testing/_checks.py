@@ -19,8 +19,16 @@ The properties (DESIGN.md section 6):
    unknown options fail with tokred errors before any model call;
 7. ``cache_free_generation``: ``generate(use_cache=False)`` outside ``Run.frozen`` works: every step
    is a prefill that decides afresh on the longer sequence, so each generated token is what a fresh
-   run on that prefix predicts, and a method without gates (whose decisions see only the images)
+   run on that prefix predicts, and a method without gates whose selector does not read the text
+   (no ``"instruction_embeddings"`` in its ``inputs``: its decisions see only the images)
    generates exactly what it generates with the cache.
+
+A method may be **refused** on a family: ``tokred.apply`` raises :class:`~tokred.ScheduleError`
+before any model call (VisionZip needs the vision keys of a [CLS]-attention layer, which Qwen-VL's
+towers do not have). Every property then holds vacuously: :meth:`Case.refusal` checks that the
+refusal comes before any model call, the check functions return the refusal's message instead of
+``None``, :func:`check_method` returns the refused cases, and :func:`parametrize_with_checks` marks
+those tests skipped with the message.
 """
 
 from __future__ import annotations
@@ -32,15 +40,15 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import BudgetError, OptionsError, TokredError
+from ..errors import BudgetError, OptionsError, ScheduleError, TokredError
 from ..method import Method
 from ..registry import Registry, default_registry
 from ..runtime import apply
 from ._tiny import FAMILIES, VIDEO_ADAPTER_OPTIONS, VIDEO_FAMILIES, make_image, tiny_model
 from ._video import make_video
 
-__all__ = ["ConformanceError", "CHECKS", "check_method", "conformance_cases", "parametrize_with_checks", "tiny_inputs",
-           "tiny_video_inputs"]
+__all__ = ["ConformanceError", "CHECKS", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
+           "tiny_inputs", "tiny_video_inputs"]
 
 _ATOL = 1e-5
 _BATCH_ATOL = 1e-4  # padding changes summation order inside the kernels
@@ -94,6 +102,24 @@ class Case:
         stacks = bool(getattr(getattr(processor, "video_processor", None), "stacks_frames", False))
         frames = (4, 4) if stacks else (4, 6)
         return tiny_video_inputs(processor, prompts, frames=frames, first_prompt=first_prompt)
+
+    def refusal(self) -> str | None:
+        """Why ``tokred.apply`` refuses this method on this family (a
+        :class:`~tokred.ScheduleError`, e.g. a selector's required input the adapter cannot
+        provide), or ``None`` when it accepts it. A refusal must come before any model call; a
+        call made while refusing is a :class:`ConformanceError`."""
+        model, _ = self.model()
+        calls: list[int] = []
+        handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            self.apply(model, self.method)
+        except ScheduleError as exc:
+            if calls:
+                raise self.fail("refusal", "the model was called before the method was refused") from exc
+            return str(exc)
+        finally:
+            handle.remove()
+        return None
 
 
 def tiny_inputs(processor: Any, prompts: Sequence[str], images_per_prompt: int = 1, *,
@@ -395,7 +421,9 @@ def check_cache_free_generation(case: Case) -> None:
         if predicted != int(recomputed[0, length + step]):
             raise case.fail("cache_free_generation", f"step {step} generated {int(recomputed[0, length + step])} "
                             f"without cache, but a fresh run on the same prefix predicts {predicted}")
-    if not case.method.schedule().gates:
+    schedule = case.method.schedule()
+    reads_text = schedule.selector is not None and "instruction_embeddings" in schedule.selector.selector.inputs
+    if not schedule.gates and not reads_text:
         with case.apply(model, case.method):
             cached = _generate(model, inputs)
         if not torch.equal(cached, recomputed):
@@ -420,16 +448,43 @@ def _fixed_tokens(case: Case, model: nn.Module) -> int | None:
     return case.adapter(model).visual_tokens_per_image()
 
 
+def _unless_refused(check: Callable[[Case], None]) -> Callable[[Case], str | None]:
+    """``check`` run only where the method is accepted; on a family that refuses it, the
+    refusal's message is returned instead (see :meth:`Case.refusal`)."""
+    def run(case: Case) -> str | None:
+        refusal = case.refusal()
+        if refusal is not None:
+            return refusal
+        check(case)
+        return None
+
+    run.__name__ = check.__name__
+    run.__qualname__ = check.__qualname__
+    run.__doc__ = check.__doc__
+    return run
+
+
 #: Property name -> check function, in the order of DESIGN.md section 6 (and tokred's seventh).
-CHECKS: dict[str, Callable[[Case], None]] = {
-    "keep_everything": check_keep_everything,
-    "cache_consistency": check_cache_consistency,
-    "layer_counts": check_layer_counts,
-    "batch_invariance": check_batch_invariance,
-    "determinism_and_cleanup": check_determinism_and_cleanup,
-    "text_only_and_errors": check_text_only_and_errors,
-    "cache_free_generation": check_cache_free_generation,
+#: Each returns ``None`` when the property holds, or the refusal's message where ``tokred.apply``
+#: refuses the method on the case's family, and raises :class:`ConformanceError` otherwise.
+CHECKS: dict[str, Callable[[Case], str | None]] = {
+    "keep_everything": _unless_refused(check_keep_everything),
+    "cache_consistency": _unless_refused(check_cache_consistency),
+    "layer_counts": _unless_refused(check_layer_counts),
+    "batch_invariance": _unless_refused(check_batch_invariance),
+    "determinism_and_cleanup": _unless_refused(check_determinism_and_cleanup),
+    "text_only_and_errors": _unless_refused(check_text_only_and_errors),
+    "cache_free_generation": _unless_refused(check_cache_free_generation),
 }
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A case :func:`check_method` did not run because ``tokred.apply`` refused the method there."""
+
+    family: str
+    attn_implementation: str
+    message: str
 
 
 def conformance_cases(
@@ -473,7 +528,7 @@ def check_method(
     registry: Registry | None = None,
     checks: Sequence[str] | None = None,
     modality: str = "image",
-) -> None:
+) -> list[Refusal]:
     """Run the conformance suite for ``method`` (a registered name or a Method instance).
 
     ``modality="video"`` runs every property on video prompts instead (one synthetic 4-frame clip
@@ -483,14 +538,25 @@ def check_method(
     Raises :class:`ConformanceError` at the first property that fails, naming it, the family and
     the attention implementation. A Method instance must be of a registered class, since the suite
     also creates it by name with impossible options.
+
+    Returns:
+        The cases ``tokred.apply`` refused (a :class:`~tokred.ScheduleError` before any model call,
+        e.g. a required selector input the family cannot provide), one :class:`Refusal` each; empty
+        when the method runs on every family checked.
     """
     selected = list(CHECKS) if checks is None else list(checks)
     unknown = sorted(set(selected) - set(CHECKS))
     if unknown:
         raise OptionsError(f"unknown checks {unknown}; valid: {list(CHECKS)}")
+    refused = []
     for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
+        refusal = case.refusal()
+        if refusal is not None:
+            refused.append(Refusal(case.family, case.attn_implementation, refusal))
+            continue
         for prop in selected:
             CHECKS[prop](case)
+    return refused
 
 
 def parametrize_with_checks(
@@ -512,6 +578,8 @@ def parametrize_with_checks(
     ``xfail`` maps a property name, or a ``(method name, property)`` pair, to a reason; those
     tests are marked ``xfail(strict=True)``, so a fixed property shows up as a failure to update.
     ``modality="video"`` checks video prompts (ids end in ``-video``) on the families that take videos.
+    Cases where ``tokred.apply`` refuses the method (see the module documentation) are skipped
+    with the refusal's message.
     pytest is imported here, not at module import: tokred does not depend on it.
     """
     import pytest
@@ -520,6 +588,14 @@ def parametrize_with_checks(
     unknown = sorted({key if isinstance(key, str) else key[1] for key in xfail} - set(CHECKS))
     if unknown:
         raise OptionsError(f"xfail names unknown checks {unknown}; valid: {list(CHECKS)}")
+    def skipping_refusals(check: Callable[[Case], str | None]) -> Callable[[Case], None]:
+        def run(case: Case) -> None:
+            refusal = check(case)
+            if refusal is not None:
+                pytest.skip(f"tokred.apply refuses {case.name} on {case.family}: {refusal}")
+
+        return run
+
     params = []
     for method in methods:
         for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
@@ -527,5 +603,5 @@ def parametrize_with_checks(
                 reason = xfail.get((case.name, prop), xfail.get(prop))
                 marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason is not None else []
                 ident = f"{case.name}-{case.family}-{case.attn_implementation}-{prop}" + ("-video" if modality == "video" else "")
-                params.append(pytest.param(case, check, marks=marks, id=ident))
+                params.append(pytest.param(case, skipping_refusals(check), marks=marks, id=ident))
     return pytest.mark.parametrize("case, check", params)
