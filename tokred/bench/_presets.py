@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import transformers
+    from PIL import Image
 
 __all__ = ["Preset", "PRESETS", "build_preset"]
 
@@ -33,18 +34,41 @@ class Preset:
         family: the ``tiny_model`` family.
         overrides: keyword overrides of the family's default dimensions.
         description: one line for ``--help`` and the benchmark page.
+        video_frames: for a video preset, the frames of the synthetic clip its prompt holds
+            (:meth:`video_prompt`), else ``None``.
+        frame_size: ``(width, height)`` of the clip's frames.
     """
 
     name: str
     family: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    video_frames: int | None = None
+    frame_size: tuple[int, int] = (336, 336)
 
     def build(self, attn_implementation: str = "sdpa") -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
         """``(model, processor)``; the model is float32, in eval mode, on the CPU."""
         from ..testing import tiny_model
 
         return tiny_model(self.family, attn_implementation=attn_implementation, **self.overrides)
+
+    def video_prompt(self, processor: Any, prompt: str) -> tuple[Any, list[Image.Image]]:
+        """For a video preset: the processor's inputs (a ``BatchFeature``) of one user turn holding
+        the synthetic clip (:func:`tokred.testing.make_video`) and ``prompt``, and the clip's frames.
+
+        Raises:
+            ValueError: the preset has no video.
+        """
+        from ..testing import make_video
+
+        if self.video_frames is None:
+            raise ValueError(f"preset {self.name!r} has no video")
+        clip = make_video(self.video_frames, *self.frame_size)
+        content = [{"type": "video"}, {"type": "text", "text": prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(text=[text], videos=[clip], return_tensors="pt")
+        inputs.pop("video_metadata", None)
+        return inputs, clip
 
 
 # SmolLM-135M's decoder shape (HuggingFaceTB/SmolLM-135M config.json).
@@ -93,6 +117,22 @@ PRESETS: dict[str, Preset] = {
             "tiny-internvl", "internvl",
             "tokred.testing.tiny_model('internvl'): InternVL layout with 224 px tiles (a square image: 2 x 2 tiles "
             "+ thumbnail, 320 visual tokens), InternViT 32 wide x 2 layers, Qwen2 64 wide x 8",
+        ),
+        Preset(
+            "tiny-qwen2-vl-video", "qwen2_vl",
+            "tokred.testing.tiny_model('qwen2_vl') prompted with a synthetic 8-frame clip at 112 x 112 px: 4 temporal "
+            "patches of 4 x 4 tokens (64 visual tokens); for tests and trying the commands",
+            video_frames=8, frame_size=(112, 112),
+        ),
+        Preset(
+            "qwen2-vl-video-135m", "qwen2_vl",
+            "a video prompt: a synthetic 32-frame clip at 224 x 224 px, which Qwen2-VL merges into 16 temporal "
+            "patches of 8 x 8 tokens (1,024 visual tokens), through a Qwen2-VL vision tower 256 wide x 6 layers and "
+            "SmolLM-135M's decoder (576 wide, 30 layers, 9 heads, 3 KV heads, intermediate 1536) with M-RoPE; "
+            "random weights",
+            {**_SMOLLM_135M, "initializer_range": 0.02, "mrope_section": (8, 12, 12), "max_video_pixels": 224 * 224,
+             "vision_hidden_size": 256, "vision_depth": 6, "vision_num_heads": 4, "vision_intermediate_size": 1024},
+            video_frames=32, frame_size=(224, 224),
         ),
         Preset(
             "llava-next-135m", "llava_next",
