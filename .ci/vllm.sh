@@ -42,7 +42,8 @@ echo "   ($VLLM_SPEC without dependencies: $((SECONDS - wheel_start)) s)"
 "$VENV/bin/python" benchmarks/vllm/vllm-deps.py > "$VENV/vllm-requirements.txt"
 step "vLLM's requirements" "$PIP" install -q -c "$CONSTRAINTS" -r "$VENV/vllm-requirements.txt" pluggy pydantic pytest
 # tokred and the plugins without dependencies: pip must not move the torch and transformers vLLM pins.
-step "tokred" "$PIP" install -q -c "$CONSTRAINTS" --no-deps -e . -e plugins/todre -e plugins/star -e examples/tokred-example-plugin
+step "tokred" "$PIP" install -q -c "$CONSTRAINTS" --no-deps -e . -e plugins/todre -e plugins/star -e plugins/baselines \
+  -e examples/tokred-example-plugin
 "$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "== vLLM: environment built in $((SECONDS - start)) s ($(du -sh "$VENV" | cut -f1))"
 

@@ -24,6 +24,8 @@ METHODS = {
     "todre (stage I)": {"method": "todre", "keep": 24, "stage2": False},
     "star (stage I)": {"method": "star", "keep": 24, "stage2": False},
     "example-norm (plugin)": {"method": "example-norm", "keep": 24},
+    "divprune": {"method": "divprune", "keep": 24},
+    "pool": {"method": "pool", "keep": 24},
 }
 IMAGES = {"llava": (336, 336), "llava_next": (420, 300), "qwen2_vl": (448, 224), "qwen2_5_vl": (336, 336)}
 NEW_TOKENS = 16

@@ -147,3 +147,14 @@ def test_the_serving_page_serve_command_uses_the_engine_args_flags() -> None:
     assert overrides == expected["hf_overrides"]
     assert float(flags["--video-pruning-rate"]) == expected["video_pruning_rate"]
     assert flags["--worker-cls"] == expected["worker_cls"]
+
+
+def test_selectors_that_need_what_vllm_cannot_give_are_refused_at_engine_start() -> None:
+    pytest.importorskip("tokred_baselines", reason="the baselines plugin is not installed")
+    with pytest.raises(tokred.ScheduleError) as caught:
+        engine_config(_HFConfig({"method": "cdpruner", "keep": 32}))
+    assert "selector 'cdpruner'" in str(caught.value) and "instruction's embeddings" in str(caught.value)
+    with pytest.raises(tokred.ScheduleError, match="needs vision_keys, which tokred's vLLM models do not capture"):
+        engine_config(_HFConfig({"method": "visionzip", "keep": 32}))
+    for method in ("divprune", "pool"):  # the image alone decides: accepted
+        assert engine_config(_HFConfig({"method": method, "keep": 32})).stage().budget.keep == 32

@@ -131,6 +131,8 @@ METHODS = {
     "todre": {"method": "todre", "keep": 24, "stage2": False},                 # LLaVA: [CLS]-attention pivot
     "star": {"method": "star", "keep": 24, "stage2": False},
     "example-norm": {"method": "example-norm", "keep": 24},                    # the example third-party plugin
+    "divprune": {"method": "divprune", "keep": 24},                            # tokred-baselines
+    "pool": {"method": "pool", "keep": 24},                                    # per-tile grids on LLaVA-NeXT
 }
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_KEY", "TokredConfig", "TokredRequestError", "engine_config", "request_config", "split_request_kwargs",
-    "Positions",
+    "Positions", "VLLM_SELECTOR_INPUTS",
 ]
 
 #: The key in ``hf_overrides`` (engine) and in ``mm_processor_kwargs`` (request).
@@ -47,6 +47,11 @@ CONFIG_KEY = "tokred"
 Positions = Literal["original", "renumber"]
 _POSITIONS: tuple[Positions, ...] = ("original", "renumber")
 _BUDGET_KEYS = ("keep", "keep_ratio")
+
+#: The optional selector inputs tokred's vLLM models capture, on the families that have them
+#: (LLaVA-1.5 and LLaVA-NeXT: both; Qwen-VL: neither, as in the transformers adapters). A selector
+#: that *requires* another input (VisionZip: ``vision_keys``) is refused at engine start.
+VLLM_SELECTOR_INPUTS: frozenset[str] = frozenset({"cls_attention", "pre_projector"})
 
 
 class TokredRequestError(TokredError, ValueError):
@@ -185,6 +190,21 @@ def _schedule(config: TokredConfig) -> Schedule:
         )
     if schedule.selector is None:
         raise ScheduleError(f"tokred {config.name} has no stage-I selector, so there is nothing it can do in vLLM")
+    selector = schedule.selector.selector
+    if "instruction_embeddings" in selector.inputs:
+        # Silently passing None would run a different method than the transformers path runs.
+        raise ScheduleError(
+            f"tokred {config.name}: {registry.describe(selector)} reads the instruction's embeddings, which vLLM cannot "
+            "give it: vLLM encodes an image once, before and apart from the prompt's text, and caches the result for "
+            "every request that shows the same image, so a selection that depends on the text would be reused for "
+            "other texts. Choose a selector that reads the image only"
+        )
+    unavailable = sorted(selector.required_inputs() - VLLM_SELECTOR_INPUTS)
+    if unavailable:
+        raise ScheduleError(
+            f"tokred {config.name}: {registry.describe(selector)} needs {', '.join(unavailable)}, which tokred's vLLM "
+            f"models do not capture (they capture {', '.join(sorted(VLLM_SELECTOR_INPUTS))}, where the family has them)"
+        )
     return schedule.model_copy(update={"positions": config.positions})
 
 

@@ -48,17 +48,16 @@ def prompt_for(family: str, question: str = "What is shown in this image?") -> s
 
 
 def load_processor(path: str | Path) -> Any:
-    """The checkpoint's HF processor; Qwen-VL's image-only subclass where torchvision is missing."""
-    import importlib.util
-
+    """The checkpoint's HF processor; Qwen-VL's image-only subclass where torchvision is missing
+    (the one tokred's vLLM models use, :func:`._compat.image_only`)."""
     import transformers
 
-    from ...testing._tiny_qwen import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor
+    from ._compat import image_only
 
     model_type = transformers.AutoConfig.from_pretrained(path).model_type
-    image_only = {"qwen2_vl": Qwen2VLImageProcessor, "qwen2_5_vl": Qwen2_5_VLImageProcessor}
-    if model_type in image_only and importlib.util.find_spec("torchvision") is None:
-        return image_only[model_type].from_pretrained(path)
+    qwen = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}
+    if model_type in qwen:
+        return image_only(qwen[model_type]).from_pretrained(path)
     return transformers.AutoProcessor.from_pretrained(path)
 
 
