@@ -308,3 +308,43 @@ def test_bench_on_tiled_llava_next_counts_candidates_and_matches_the_ideal(capsy
     assert rows["unreduced"]["visual_tokens_input"] == 720
     assert rows["random"]["visual_tokens_per_layer"] == [16] * 8
     assert rows["random"]["ideal_same_tokens"] is True and rows["random"]["ideal_logits_max_abs_diff"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------- video
+
+
+def test_bench_on_a_video_preset_counts_the_clip_and_matches_the_ideal(capsys: pytest.CaptureFixture[str]) -> None:
+    """A video preset prompts with its synthetic clip; the ideal (the model's own forward up to its
+    language model, then only the kept tokens at their M-RoPE positions) computes what the run does."""
+    args = ["bench", "--preset", "tiny-qwen2-vl-video", "--methods", "random", "evs", "--keep-ratio", "0.25",
+            "--repeats", "1", "--new-tokens", "2", "--no-memory", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {row["method"]: row for row in result["rows"]}
+    assert result["settings"]["visual_tokens"] == 64 and result["model"]["family"] == "qwen2_vl"
+    for name in ("random", "evs"):
+        assert rows[name]["visual_tokens_per_layer"] == [16] * 8
+        assert rows[name]["ideal_same_tokens"] is True and rows[name]["ideal_logits_max_abs_diff"] < 1e-5
+    assert main(["bench", "--preset", "tiny-qwen2-vl-video", "--image", "x.png", "--methods", "random"]) == 2
+    assert "--image does not apply" in capsys.readouterr().err
+
+
+def test_video_presets_build_the_documented_token_counts() -> None:
+    preset = PRESETS["qwen2-vl-video-135m"]
+    assert preset.video_frames == 32 and preset.family == "qwen2_vl"
+    model, processor = build_preset("tiny-qwen2-vl-video")
+    inputs, clip = PRESETS["tiny-qwen2-vl-video"].video_prompt(processor, "What happens?")
+    assert len(clip) == 8 and inputs["video_grid_thw"].tolist() == [[4, 8, 8]]
+    with pytest.raises(ValueError, match="has no video"):
+        PRESETS["tiny"].video_prompt(processor, "x")
+
+
+def test_the_ideal_is_refused_with_a_reason_where_deepstack_features_are_needed() -> None:
+    from tokred.bench._ideal import unsupported_reason
+
+    model, _ = tokred.testing.tiny_model("qwen3_vl")
+    reason = unsupported_reason(tokred.default_registry().adapter_for(model))
+    assert reason is not None and "deepstack" in reason
+    for family in ("llava", "qwen2_5_vl", "llava_onevision", "internvl"):
+        model, _ = tokred.testing.tiny_model(family)
+        assert unsupported_reason(tokred.default_registry().adapter_for(model)) is None

@@ -233,7 +233,7 @@ def run_example(name: str) -> dict:
 def test_recipes_are_included_and_in_the_navigation() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     for recipe in ("llava_todre", "qwen2_5_vl_star", "todre_then_star", "batch_inference", "measuring_speedup",
-                   "tiled_budgets"):
+                   "tiled_budgets", "qwen2_5_vl_video"):
         page = ROOT / f"docs/recipes/{recipe.replace('tiled_budgets', 'tiled-budgets')}.md"
         assert f'--8<-- "docs/examples/{recipe}.py"' in page.read_text(), f"{page} does not include its example"
         assert f"recipes/{page.name}" in nav, f"recipes/{page.name} is not in the mkdocs.yml nav"
@@ -317,6 +317,20 @@ def test_tiled_budgets_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     assert [image.kept_per_tile for image in spread] == [[13, 13, 13, 13, 12], [16, 16, 16, 16]]
     assert [image.tile_sizes for image in spread] == [[144] * 5, [144] * 4]
     assert "with newline tokens as candidates: [744, 612]" in out
+
+
+def test_qwen2_5_vl_video_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tokred_video", reason="the recipe needs the tokred-video plugin (plugins/video)")
+    pytest.importorskip("tokred_todre", reason="the recipe needs the tokred-todre plugin (plugins/todre)")
+    g = run_example("qwen2_5_vl_video.py")
+    out = capsys.readouterr().out
+    assert "video: 8 temporal patches of 8 x 8 tokens = 512 visual tokens" in out
+    assert "todre: the video keeps 51 of 512" in out                    # 10% of the clip, rounded half up
+    assert "visual tokens per decoder layer: [51, 51, 51, 51, 51, 51, 51, 51]" in out
+    assert "evs: per frame [64, " in out                                 # the first temporal patch whole
+    assert "evs, per_frame=True: per frame [16, 16, 16, 16, 16, 16, 16, 16]" in out
+    record = g["run"].report.images[0]
+    assert record.kind == "video" and record.tile_sizes == [64] * 8
 
 
 def test_the_site_builds_in_strict_mode(tmp_path: Path) -> None:

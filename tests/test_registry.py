@@ -209,9 +209,9 @@ def test_a_plugin_cannot_take_over_first_party_names(entry_point: str, tmp_path:
 
 
 def test_the_first_party_distributions_are_this_repositorys() -> None:
-    assert FIRST_PARTY_DISTRIBUTIONS == {"tokred", "tokred-todre", "tokred-star", "tokred-baselines"}
+    assert FIRST_PARTY_DISTRIBUTIONS == {"tokred", "tokred-todre", "tokred-star", "tokred-baselines", "tokred-video"}
     installed = {e.distribution for kind in ("method", "adapter") for e in Registry().entries(kind)}  # type: ignore[arg-type]
-    assert {"tokred", "tokred-todre", "tokred-star"} <= installed
+    assert {"tokred", "tokred-todre", "tokred-star", "tokred-video"} <= installed
 
 
 def test_a_third_party_clash_gives_the_name_to_neither_and_names_both() -> None:

@@ -62,8 +62,10 @@ class Keyword:
     ``POSITION_IDS``, ``ENCODER_OUTPUTS`` (5.23+: ``generate`` runs the vision tower once, before the
     first step, and passes its outputs; ``ENCODER_OUTPUTS_IMAGE`` / ``ENCODER_OUTPUTS_VIDEO`` are its
     keys, each a ``BaseModelOutputWithPooling`` whose ``pooler_output`` holds one ``[N_i, D]`` per
-    image), ``USE_CACHE``, and per family ``IMAGE_SIZES`` (LLaVA-NeXT), ``IMAGE_GRID_THW`` and the
-    video inputs (Qwen-VL). Language model: ``INPUTS_EMBEDS``, ``ATTENTION_MASK``, ``POSITION_IDS``,
+    image), ``USE_CACHE``, and per family ``IMAGE_SIZES`` (LLaVA-NeXT, LLaVA-OneVision),
+    ``BATCH_NUM_IMAGES`` and ``VISION_ASPECT_RATIO`` (LLaVA-OneVision), ``IMAGE_GRID_THW`` and
+    ``VIDEO_GRID_THW`` (Qwen-VL), ``PIXEL_VALUES_VIDEOS`` (every family with videos but InternVL, which
+    passes frames as images). Language model: ``INPUTS_EMBEDS``, ``ATTENTION_MASK``, ``POSITION_IDS``,
     Qwen3-VL's ``VISUAL_POS_MASKS`` and ``DEEPSTACK_VISUAL_EMBEDS``. Decoder layers:
     ``HIDDEN_STATES`` (or the first positional argument), ``POSITION_EMBEDDINGS`` (``(cos, sin)``),
     ``ATTENTION_MASK``, ``POSITION_IDS``. Attention functions: ``SCALING``.
@@ -79,6 +81,8 @@ class Keyword:
     ENCODER_OUTPUTS_IMAGE = "image"
     ENCODER_OUTPUTS_VIDEO = "video"
     IMAGE_SIZES = "image_sizes"
+    BATCH_NUM_IMAGES = "batch_num_images"
+    VISION_ASPECT_RATIO = "vision_aspect_ratio"
     IMAGE_GRID_THW = "image_grid_thw"
     PIXEL_VALUES_VIDEOS = "pixel_values_videos"
     VIDEO_GRID_THW = "video_grid_thw"
@@ -317,7 +321,13 @@ _FAMILY_CLASSES: dict[str, tuple[str, str, str]] = {
     "qwen2_vl": ("Qwen2VLModel", "Qwen2VLTextModel", "qwen2_vl.Qwen2VLDecoderLayer"),
     "qwen2_5_vl": ("Qwen2_5_VLModel", "Qwen2_5_VLTextModel", "qwen2_5_vl.Qwen2_5_VLDecoderLayer"),
     "qwen3_vl": ("Qwen3VLModel", "Qwen3VLTextModel", "qwen3_vl.Qwen3VLTextDecoderLayer"),
+    # The released checkpoints' language models: Qwen2 (llava-onevision-qwen2-*), Vicuna/Llama (LLaVA-NeXT-Video-*).
+    "llava_onevision": ("LlavaOnevisionModel", "Qwen2Model", "qwen2.Qwen2DecoderLayer"),
+    "llava_next_video": ("LlavaNextVideoModel", "LlamaModel", "llama.LlamaDecoderLayer"),
 }
+
+#: The families whose multimodal model takes ``pixel_values_videos``.
+_VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video")
 
 #: Modeling files whose attention functions the observer wraps: their ``eager_attention_forward``.
 _EAGER_MODULES = ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "clip", "internvl")
@@ -447,10 +457,24 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         lambda: _takes("Qwen3VLTextModel", (K.VISUAL_POS_MASKS, K.DEEPSTACK_VISUAL_EMBEDS)),
     ),
     Requirement(
-        "Qwen-VL multimodal model keywords: " + ", ".join((K.IMAGE_GRID_THW, K.PIXEL_VALUES_VIDEOS)),
-        lambda: _all(_takes(_FAMILY_CLASSES[f][0], (K.IMAGE_GRID_THW, K.PIXEL_VALUES_VIDEOS))
+        "Qwen-VL multimodal model keywords: " + ", ".join((K.IMAGE_GRID_THW, K.VIDEO_GRID_THW)),
+        lambda: _all(_takes(_FAMILY_CLASSES[f][0], (K.IMAGE_GRID_THW, K.VIDEO_GRID_THW))
                      for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")),
     ),
+    Requirement(
+        f"video keyword {K.PIXEL_VALUES_VIDEOS} of the multimodal models of " + ", ".join(_VIDEO_FAMILIES),
+        lambda: _all(_takes(_FAMILY_CLASSES[f][0], (K.PIXEL_VALUES_VIDEOS,)) for f in _VIDEO_FAMILIES),
+    ),
+    Requirement(
+        f"LLaVA-OneVision multimodal model keywords: {K.IMAGE_SIZES}, {K.BATCH_NUM_IMAGES}",
+        lambda: _takes("LlavaOnevisionModel", (K.IMAGE_SIZES, K.BATCH_NUM_IMAGES)),
+    ),
+    Requirement("LlavaOnevisionModel.pack_image_features, apply_pooling and image_newline (the image and video layouts)",
+                lambda: _all((_has_method("LlavaOnevisionModel", "pack_image_features")(),
+                              _has_method("LlavaOnevisionModel", "apply_pooling")(),
+                              _sets_attribute("LlavaOnevisionModel", "image_newline")))),
+    Requirement("llava_onevision.modeling_llava_onevision.image_size_to_num_patches",
+                _has_function("llava_onevision.modeling_llava_onevision", "image_size_to_num_patches")),
     Requirement(
         f"LLaVA-NeXT multimodal model keyword: {K.IMAGE_SIZES}", lambda: _takes("LlavaNextModel", (K.IMAGE_SIZES,)),
     ),
@@ -472,7 +496,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(f"the {K.LABELS} keyword of every supported model's forward",
                 lambda: _all(_takes(c, (K.LABELS,)) for c in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                                                              "InternVLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                                                             "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"))),
+                                                             "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                                                             "LlavaOnevisionForConditionalGeneration",
+                                                             "LlavaNextVideoForConditionalGeneration"))),
     Requirement("Qwen2VLModel.get_rope_index (M-RoPE positions on the full sequence)",
                 _has_method("Qwen2VLModel", "get_rope_index")),
     Requirement(f"Qwen-VL multimodal models keep {ROPE_DELTAS} (M-RoPE offsets of the latest prefill)",

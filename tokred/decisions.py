@@ -170,7 +170,8 @@ def check_image_budgets(schedule: Schedule, gate_layers: Sequence[int], num_toke
 
 
 def image_record(sample: int, image: int, layout: ImageLayout, kept: torch.Tensor) -> ImageRecord:
-    """The report's record of one image after stage I (``kept``: ``[k]`` increasing indices)."""
+    """The report's record of one image or video after stage I (``kept``: ``[k]`` increasing
+    indices)."""
     import torch
 
     tiles = layout.tile
@@ -179,6 +180,7 @@ def image_record(sample: int, image: int, layout: ImageLayout, kept: torch.Tenso
         tile_sizes=torch.bincount(tiles, minlength=layout.num_tiles).tolist(),
         thumbnail_tile=layout.thumbnail_tile if layout.num_tiles > 1 else None,
         kept_per_tile=torch.bincount(tiles[kept], minlength=layout.num_tiles).tolist(),
+        kind="video" if layout.is_video else "image",
     )
 
 

@@ -58,7 +58,7 @@ _KINDS: tuple[Kind, ...] = tuple(kind for kind, _ in _HOOKS)
 _HOOK_NAMES: tuple[str, ...] = tuple(hook for _, hook in _HOOKS)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
-FIRST_PARTY_DISTRIBUTIONS: frozenset[str] = frozenset({"tokred", "tokred-todre", "tokred-star", "tokred-baselines"})
+FIRST_PARTY_DISTRIBUTIONS: frozenset[str] = frozenset({"tokred", "tokred-todre", "tokred-star", "tokred-baselines", "tokred-video"})
 """The distributions of this repository: a name (or alias) one of them registers belongs to it.
 
 No other plugin can take such a name over, whatever its entry point is called (see

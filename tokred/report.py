@@ -10,20 +10,24 @@ __all__ = ["RunReport", "ImageRecord"]
 
 @dataclass
 class ImageRecord:
-    """One image of one prefill.
+    """One image (or video) of one prefill.
 
     Attributes:
         sample: batch row.
-        image: the image's number within its row.
+        image: the image's number within its row (images and videos are numbered together, in
+            sequence order).
         num_tokens: visual tokens the model produced for it.
         kept_stage1: indices (into the image's tokens, increasing) that entered the LLM.
         kept_final: indices that survived every gate.
         kept_per_layer: for each decoder layer, how many of its tokens that layer saw.
-        tile_sizes: tokens per tile, indexed by tile (one entry for untiled images).
+        tile_sizes: tokens per tile, indexed by tile (one entry for untiled images; for a video,
+            tokens per frame: every frame is a tile).
         thumbnail_tile: the tile holding the whole-image thumbnail of a tiled image, else ``None``.
-        kept_per_tile: how many of each tile's tokens survived every gate (``kept_final`` per tile).
+        kept_per_tile: how many of each tile's (a video's: frame's) tokens survived every gate
+            (``kept_final`` per tile).
         kept_after_gates: ``(layer, indices)`` for every gate in layer order: the tokens alive from
             that decoder layer on (the last entry's indices are ``kept_final``).
+        kind: ``"image"`` or ``"video"``.
     """
 
     sample: int
@@ -36,6 +40,7 @@ class ImageRecord:
     thumbnail_tile: int | None = None
     kept_per_tile: list[int] = field(default_factory=list)
     kept_after_gates: list[tuple[int, list[int]]] = field(default_factory=list)
+    kind: str = "image"
 
 
 @dataclass
@@ -94,7 +99,12 @@ class RunReport:
                 f"equivalent {self.equivalent_visual_tokens[s]:.1f} ({_share(self.equivalent_visual_tokens[s], n)})"
             )
         for image in self.images:
-            if image.thumbnail_tile is not None:
+            if image.kind == "video":
+                lines.append(
+                    f"  sample {image.sample} video {image.image}: kept per frame {image.kept_per_tile} of "
+                    f"{image.tile_sizes} ({len(image.kept_final)} of {image.num_tokens})"
+                )
+            elif image.thumbnail_tile is not None:
                 lines.append(
                     f"  sample {image.sample} image {image.image}: kept per tile {image.kept_per_tile} of "
                     f"{image.tile_sizes} (thumbnail: tile {image.thumbnail_tile})"

@@ -2,7 +2,7 @@
 
 For each image of the prompt the figure shows the image as the model saw it (the processor's
 resized and cropped pixels; for tiled models one panel per tile, labelled "thumbnail" and "tile 1 (row 0,
-col 0)", ...) with every visual token's cell:
+col 0)", ...; for a video a strip of its frames, labelled "frame 1", ...) with every visual token's cell:
 tokens that enter the language model keep their pixels and get a yellow outline, dropped ones are
 darkened. When the method has Gates, a strip below shows, for each gate layer, the tokens still
 alive from that layer on. Tokens that are not grid cells (a vision [CLS] token kept as a visual
@@ -121,9 +121,12 @@ def tile_grid(tiles: int, size: tuple[int, int]) -> tuple[int, int] | None:
 
 
 def tile_labels(layout: ImageLayout, grid: tuple[int, int] | None = None) -> list[str]:
-    """One label per tile of ``layout``: ``"thumbnail"`` for the global view, ``"tile 1"``, ``"tile 2"``,
-    ... for the others in order, with ``"(row r, col c)"`` when ``grid`` (their ``(rows, cols)``,
-    row-major) is given and fits; all empty for an untiled image."""
+    """One label per tile of ``layout``: ``"frame 1"``, ``"frame 2"``, ... for a video's frames;
+    ``"thumbnail"`` for the global view, ``"tile 1"``, ``"tile 2"``, ... for the others in order,
+    with ``"(row r, col c)"`` when ``grid`` (their ``(rows, cols)``, row-major) is given and fits;
+    all empty for an untiled image."""
+    if layout.is_video:
+        return [f"frame {frame + 1}" for frame in range(layout.num_tiles)]
     if layout.num_tiles < 2:
         return [""] * layout.num_tiles
     thumbnail = layout.thumbnail_tile
@@ -199,7 +202,8 @@ def _count(kept: int, total: int, extra: int) -> str:
 
 def _caption(number: int, item: ImageKept) -> str:
     _, extra = _cells_by_tile(item.layout, item.entering)
-    caption = f"image {number + 1}: {_count(len(item.entering), item.layout.num_tokens, extra)} visual tokens enter the language model"
+    what = f"video {number + 1} ({item.layout.num_frames} frames, left to right)" if item.layout.is_video else f"image {number + 1}"
+    caption = f"{what}: {_count(len(item.entering), item.layout.num_tokens, extra)} visual tokens enter the language model"
     return caption + (f"; {item.note}" if item.note else "")
 
 
@@ -294,8 +298,30 @@ def model_view(pixel_values: torch.Tensor, processor: Any) -> Image.Image:
     return Image.fromarray(array.numpy())
 
 
+def _frames_for(inputs: Mapping[str, Any], span: ImageSpan, processor: Any,
+                given: Image.Image | Sequence[Image.Image]) -> tuple[list[Image.Image], str]:
+    """One picture per frame of a video span: the processor's pixels when they are frames
+    (``pixel_values_videos`` ``[videos, F, 3, H, W]``; InternVL's frames among ``pixel_values``), else
+    the frames the caller gave, one per frame of the layout (every ``n``-th when the model merges
+    ``n`` sampled frames into one, as Qwen-VL does)."""
+    frames = span.layout.num_frames
+    videos = inputs.get("pixel_values_videos")
+    if videos is not None and videos.dim() == 5 and span.encoder_index < videos.shape[0] and videos.shape[1] == frames:
+        return [model_view(frame, processor) for frame in videos[span.encoder_index]], ""
+    if videos is None:  # frames written as images (InternVL): their encoder rows
+        tiles, note = _tiles_for(inputs.get("pixel_values"), span, processor, None)
+        if not note:
+            return tiles, note
+    pictures = [given] if isinstance(given, Image.Image) else list(given)
+    if pictures and len(pictures) % frames == 0:
+        step = len(pictures) // frames
+        note = f"each panel is the first of the {step} sampled frames the model merges into one" if step > 1 else ""
+        return pictures[::step], note
+    return [pictures[0]] * frames, "every frame drawn on the first picture given (the model's frames are not known)"
+
+
 def _tiles_for(pixel_values: torch.Tensor | None, span: ImageSpan, processor: Any,
-               original: Image.Image) -> tuple[list[Image.Image], str]:
+               original: Image.Image | None) -> tuple[list[Image.Image], str]:
     """The tile pictures of one image and a caption note: the processor's pixels when their shape
     matches the layout (``[images, 3, H, W]`` untiled, ``[images, tiles, 3, H, W]`` tiled, or
     ``[encoder rows, 3, H, W]`` with the image's rows named by ``span.probe_rows``, as InternVL), else
@@ -314,11 +340,14 @@ def _tiles_for(pixel_values: torch.Tensor | None, span: ImageSpan, processor: An
             return [model_view(mine, processor)], ""
         if mine.dim() == 4 and mine.shape[0] == tiles:
             return [model_view(t, processor) for t in mine], ""
+    if original is None:
+        return [], "no picture"
     return [original] * tiles, "tiles drawn on the original image (the model's crops are not known)"
 
 
 def kept_tokens(model: nn.Module, inputs: Mapping[str, Any], method: Method | Schedule, *,
-                registry: Registry | None = None) -> list[tuple[int, int, list[int], list[tuple[int, list[int]]]]]:
+                registry: Registry | None = None, adapter_options: Mapping[str, Any] | None = None,
+                ) -> list[tuple[int, int, list[int], list[tuple[int, list[int]]]]]:
     """Which visual tokens of each image enter the language model and survive each gate.
 
     Runs one prefill of ``inputs`` under ``method``.
@@ -329,16 +358,18 @@ def kept_tokens(model: nn.Module, inputs: Mapping[str, Any], method: Method | Sc
     """
     registry = registry or default_registry()
     with torch.no_grad():
-        with apply(model, method, registry=registry) as run:
+        with apply(model, method, registry=registry, adapter_options=adapter_options) as run:
             model(**inputs, logits_to_keep=1)
     return [(r.sample, r.image, list(r.kept_stage1), [(layer, list(kept)) for layer, kept in r.kept_after_gates])
             for r in run.report.images]
 
 
 def show(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: Method | Schedule,
-         images: Sequence[Image.Image], *, title: str, registry: Registry | None = None) -> KeptFigure:
+         images: Sequence[Image.Image | Sequence[Image.Image]], *, title: str, registry: Registry | None = None,
+         adapter_options: Mapping[str, Any] | None = None) -> KeptFigure:
     """The figure of the tokens ``method`` keeps for the prompt ``inputs`` (batch size 1) made from
-    the PIL ``images`` in prompt order.
+    the PIL ``images`` in prompt order: an image, or for a video the list of its frames, which is
+    drawn as a strip of frames (one panel per frame of the model's layout).
 
     Raises:
         ValueError: ``inputs`` hold more than one prompt.
@@ -346,12 +377,19 @@ def show(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: Me
     registry = registry or default_registry()
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("tokred show draws one prompt at a time")
-    adapter = registry.adapter_for(model)
+    adapter = registry.adapter_for(model, adapter_options)
     spans = {(s.sample, s.image): s for s in adapter.image_spans(inputs["input_ids"], VisionProbes(), inputs)}
     items = []
-    for sample, image, entering, gates in kept_tokens(model, inputs, method, registry=registry):
+    for sample, image, entering, gates in kept_tokens(model, inputs, method, registry=registry,
+                                                      adapter_options=adapter_options):
         span = spans[(sample, image)]
-        tiles, note = _tiles_for(inputs.get("pixel_values"), span, processor, images[image])
+        picture = images[image]
+        if span.layout.is_video:
+            tiles, note = _frames_for(inputs, span, processor, picture)
+            items.append(ImageKept(tiles, span.layout, entering, gates, note))
+            continue
+        picture = picture if isinstance(picture, Image.Image) else picture[0]
+        tiles, note = _tiles_for(inputs.get("pixel_values"), span, processor, picture)
         others = span.layout.num_tiles - (span.layout.thumbnail_tile is not None)
-        items.append(ImageKept(tiles, span.layout, entering, gates, note, tile_grid(others, images[image].size)))
+        items.append(ImageKept(tiles, span.layout, entering, gates, note, tile_grid(others, picture.size)))
     return kept_figure(items, title)

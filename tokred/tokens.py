@@ -20,16 +20,29 @@ AttentionRole = Literal["instruction", "system", "text", "visual", "last"]
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """Where each visual token of one image sits.
+    """Where each visual token of one image (or one video) sits.
+
+    A **video** is a sequence of frames, each a grid of tokens: what the model calls a frame (Qwen-VL
+    merges two sampled frames into one temporal patch, which is one frame here; LLaVA-OneVision and
+    LLaVA-NeXT-Video pool each frame's grid). Every frame of a video is also a tile of its own, so
+    whatever works per tile works per frame: ``Budget(spread="tiles")`` gives per-frame budgets,
+    :meth:`tile_view` is one frame, ``tokred show`` draws the frames as a strip of panels. A video has
+    no global view (``thumbnail_tile is None``), and :attr:`frame` numbers each token's frame in time
+    order, for selectors with a temporal rule (``evs`` compares every token with the same cell of the
+    previous frame).
 
     Attributes:
-        tile: ``[N]`` long, the tile each token belongs to (0 for untiled images).
+        tile: ``[N]`` long, the tile each token belongs to (0 for untiled images; the frame for videos).
         row: ``[N]`` long, the token's row inside its tile's grid.
         col: ``[N]`` long, the token's column inside its tile's grid.
         grids: ``(rows, cols)`` of every tile, indexed by tile number.
-        thumbnail_tile: the tile that holds the global (whole-image) view, or ``None`` when the image
-            is not tiled. For an untiled image the single tile *is* the whole image, so this is 0.
+        thumbnail_tile: the tile that holds the global (whole-image) view, or ``None`` when there is
+            none (tiled images without a thumbnail, videos). For an untiled image the single tile
+            *is* the whole image, so this is 0.
         extra: ``[N]`` bool, tokens that are not grid cells (e.g. LLaVA-NeXT row separators).
+        frame: ``[N]`` long, for a video the frame (``0 .. F-1``, in time order) each token belongs
+            to; ``None`` for a still image. Tokens that are not grid cells (``extra``) carry the frame
+            they follow.
     """
 
     tile: torch.Tensor
@@ -38,6 +51,7 @@ class ImageLayout:
     grids: tuple[tuple[int, int], ...]
     thumbnail_tile: int | None = 0
     extra: torch.Tensor | None = None
+    frame: torch.Tensor | None = None
 
     @classmethod
     def grid(cls, rows: int, cols: int, *, leading_extra: int = 0) -> ImageLayout:
@@ -62,6 +76,29 @@ class ImageLayout:
             extra=extra if leading_extra else None,
         )
 
+    @classmethod
+    def video(cls, frames: int, rows: int, cols: int, *, trailing_extra: int = 0) -> ImageLayout:
+        """Layout of a video of ``frames`` frames of ``rows x cols`` tokens each, frame after frame,
+        row-major within a frame (Qwen-VL, LLaVA-NeXT-Video, InternVL), followed by
+        ``trailing_extra`` tokens that are not grid cells (LLaVA-OneVision's newline after the last
+        frame; marked in :attr:`extra`, at row/col -1, in the last frame)."""
+        import torch
+
+        per_frame = rows * cols
+        cells = torch.arange(frames * per_frame)
+        frame = torch.cat([cells // per_frame, torch.full((trailing_extra,), max(frames - 1, 0))])
+        within = cells % per_frame
+        extra = torch.cat([torch.zeros(cells.numel(), dtype=torch.bool), torch.ones(trailing_extra, dtype=torch.bool)])
+        return cls(
+            tile=frame.clone(),
+            row=torch.cat([within // cols, torch.full((trailing_extra,), -1)]),
+            col=torch.cat([within % cols, torch.full((trailing_extra,), -1)]),
+            grids=((rows, cols),) * frames,
+            thumbnail_tile=None,
+            extra=extra if trailing_extra else None,
+            frame=frame,
+        )
+
     @property
     def num_tokens(self) -> int:
         return int(self.tile.numel())
@@ -70,9 +107,30 @@ class ImageLayout:
     def num_tiles(self) -> int:
         return len(self.grids)
 
+    @property
+    def is_video(self) -> bool:
+        """Whether these are the tokens of a video (:attr:`frame` is set)."""
+        return self.frame is not None
+
+    @property
+    def num_frames(self) -> int:
+        """Frames of a video (each one a tile); 1 for a still image."""
+        return self.num_tiles if self.frame is not None else 1
+
+    def subset(self, index: torch.Tensor) -> ImageLayout:
+        """The layout of the tokens ``index`` ``[n]`` (increasing) of this one: same tiles, grids,
+        thumbnail and frames, the other tokens left out (LLaVA-NeXT's newline tokens, say)."""
+        return ImageLayout(
+            tile=self.tile[index], row=self.row[index], col=self.col[index], grids=self.grids,
+            thumbnail_tile=self.thumbnail_tile,
+            extra=None if self.extra is None else self.extra[index],
+            frame=None if self.frame is None else self.frame[index],
+        )
+
     def tile_view(self, tile: int) -> tuple[torch.Tensor, ImageLayout]:
-        """The tokens of one tile: their indices ``[n]`` into this layout and the layout of that
-        tile seen as an image of its own (one tile, which is its own whole view)."""
+        """The tokens of one tile (of a video: one frame): their indices ``[n]`` into this layout
+        and the layout of that tile seen as an image of its own (one tile, which is its own whole
+        view)."""
         import torch
 
         index = torch.nonzero(self.tile == tile).flatten()
@@ -86,7 +144,8 @@ class ImageLayout:
         )
 
     def thumbnail_mask(self) -> torch.Tensor:
-        """``[N]`` bool: the tokens of the global view (all tokens when untiled)."""
+        """``[N]`` bool: the tokens of the global view (all tokens when untiled, and for layouts
+        without a global view: videos, tiled images without a thumbnail)."""
         import torch
 
         if self.thumbnail_tile is None:

@@ -34,14 +34,14 @@ def test_help_of_every_command_imports_neither_torch_nor_transformers() -> None:
 
 
 def test_list_imports_no_torch_with_the_first_party_plugins() -> None:
-    """The core's adapters and baselines and the ToDRE and STAR plugins import torch lazily. (A
+    """The core's adapters and baselines and the ToDRE, STAR and video plugins import torch lazily. (A
     third-party plugin that imports torch at module level, as the example plugin does, still makes
     ``tokred list`` import it: the registry is this repository's distributions only.)"""
     result = _fresh(
         "import importlib.metadata, tokred\n"
         "from tokred.cli import main\n"
         "eps = [ep for ep in importlib.metadata.entry_points(group='tokred')\n"
-        "       if ep.dist.name in ('tokred', 'tokred-todre', 'tokred-star')]\n"
+        "       if ep.dist.name in ('tokred', 'tokred-todre', 'tokred-star', 'tokred-video')]\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         "    code = main(['list'], registry=tokred.Registry(entry_points=eps))\n"
@@ -49,7 +49,8 @@ def test_list_imports_no_torch_with_the_first_party_plugins() -> None:
     )
     assert result["code"] == 0
     assert result["heavy"] == ["pydantic"]  # the methods' options are pydantic models
-    for row in ("todre ", "star ", "fastv ", "llava_next ", "todre.diversity ", "star.cross_attention "):
+    for row in ("todre ", "star ", "fastv ", "llava_next ", "todre.diversity ", "star.cross_attention ", "evs ",
+                "llava_onevision ", "llava_next_video "):
         assert any(line.strip().startswith(row) for line in result["out"].splitlines()), row
     assert "failed to load" not in result["out"]
 

@@ -10,6 +10,7 @@ this; they get tensors (:class:`~tokred.tokens.VisualTokens`, :class:`~tokred.to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Adapter", "ImageSpan", "VisionProbes", "capture_projector_inputs", "cls_attention_rows", "encoder_layer_of", "key_rows",
-    "split_image_tokens",
+    "order_spans", "split_image_tokens",
     "split_runs",
 ]
 
@@ -42,17 +43,22 @@ _FEWER_ENCODER_IMAGES = (
 class ImageSpan:
     """One image's visual tokens in the language model's input sequence.
 
+    A video is one span too (its layout knows the frames, :attr:`ImageLayout.frame`); images and
+    videos of a row are numbered together, in sequence order.
+
     Attributes:
         sample: the batch row.
-        image: the image's number within its row.
+        image: the image's (or video's) number within its row.
         positions: ``[N]`` long, the sequence positions of its tokens, increasing.
         layout: the spatial layout of those tokens.
-        encoder_index: the image's index in the vision encoder's batch (for probes).
+        encoder_index: the image's index in the vision encoder's batch (for probes); a video's index
+            among the call's videos.
         probe_rows: ``[N]`` long or ``None``. For images the vision encoder saw as several rows
-            (tiles), where each token's probe values sit in the row-major concatenation of the
-            captured per-row values (row ``r``, cell ``c`` -> ``r * cells + c``); -1 for tokens with
-            no vision-side source (LLaVA-NeXT newline tokens). ``None``: the image is encoder row
-            ``encoder_index`` and its tokens are that row's cells in order.
+            (tiles, a video's frames), where each token's probe values sit in the concatenation of
+            the captured per-row values (row ``r``, cell ``c`` -> ``r * cells + c`` when every row has
+            ``cells`` values); -1 for tokens with no vision-side source (LLaVA-NeXT newline tokens).
+            ``None``: the image is encoder row ``encoder_index`` and its tokens are that row's cells
+            in order.
     """
 
     sample: int
@@ -172,6 +178,20 @@ class Adapter:
         config = self.model.config  # type: ignore[union-attr]
         return int(getattr(config, "image_token_id", None) or config.image_token_index)
 
+    def video_token_id(self) -> int | None:
+        """The token id the processor expands for each video's tokens, or ``None`` when the family
+        has none (InternVL writes a video's frames as images)."""
+        config = self.model.config  # type: ignore[union-attr]
+        value = getattr(config, "video_token_id", None)
+        if value is None:
+            value = getattr(config, "video_token_index", None)
+        return None if value is None else int(value)
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Every placeholder token id that visual features are scattered into (images, videos)."""
+        video = self.video_token_id()
+        return (self.image_token_id(),) if video is None else (self.image_token_id(), video)
+
     def visual_tokens_per_image(self) -> int | None:
         """``N`` when the config fixes the number of visual tokens per image, else ``None``."""
         return None
@@ -196,13 +216,12 @@ class Adapter:
                 )
             return values[span.encoder_index]
         needed = int(span.probe_rows.max()) + 1 if span.probe_rows.numel() else 0
-        cells = int(values[0].shape[0]) if values else 0
-        if cells == 0 or needed > cells * len(values):
+        if not values or needed > sum(int(v.shape[0]) for v in values):
             raise RuntimeStateError(
                 f"the {self.family} adapter promised {name} but captured {len(values)} encoder rows, fewer than "
                 f"image {span.image} of sample {span.sample} needs. {_FEWER_ENCODER_IMAGES}"
             )
-        flat = probes.flat(name)                                               # [rows * cells, ...]
+        flat = probes.flat(name)                                               # [sum of cells over rows, ...]
         rows = span.probe_rows.to(flat.device)
         gathered = flat[rows.clamp(min=0)]
         missing = (rows < 0).view(-1, *([1] * (gathered.dim() - 1)))
@@ -325,13 +344,14 @@ class Adapter:
         Default rule, which holds for chat templates that put images before the question
         (LLaVA, Qwen-VL, InternVL): system text is every real text token before a row's first
         visual token; instruction text is every real text token after it. Rows without images
-        have neither. Image-token positions that are not candidates for pruning (LLaVA-NeXT's
-        newline tokens, by default) are text of neither kind. Adapters whose templates differ
+        have neither. Image- and video-token positions that are not candidates for pruning
+        (LLaVA-NeXT's and LLaVA-OneVision's newline tokens, by default) are text of neither kind. Adapters whose templates differ
         override this.
         """
         import torch
 
-        text = attention_mask.bool() & ~visual & (input_ids != self.image_token_id())
+        visual_ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
+        text = attention_mask.bool() & ~visual & ~torch.isin(input_ids, visual_ids)
         seen_visual = torch.cumsum(visual.long(), dim=1) > 0
         has_visual = visual.any(dim=1, keepdim=True)
         return text & seen_visual & has_visual, text & ~seen_visual & has_visual
@@ -398,6 +418,19 @@ def split_image_tokens(input_ids: torch.Tensor, token_id: int, counts: Sequence[
     if sizes is not None and next(sizes, None) is not None:
         raise RuntimeStateError(f"the input holds fewer image tokens than the images' token counts {list(counts or [])}")
     return chunks
+
+
+def order_spans(spans: Sequence[ImageSpan]) -> list[ImageSpan]:
+    """``spans`` (images and videos, in any order) sorted row-major by their first position, each
+    renumbered as the ``image``-th visual item of its row: the numbering budgets, gates and reports use."""
+    ordered = sorted(spans, key=lambda span: (span.sample, int(span.positions[0]) if span.positions.numel() else -1))
+    per_row: dict[int, int] = {}
+    result = []
+    for span in ordered:
+        number = per_row.get(span.sample, 0)
+        per_row[span.sample] = number + 1
+        result.append(dataclasses.replace(span, image=number))
+    return result
 
 
 def capture_projector_inputs(projector: nn.Module, probes: VisionProbes) -> Callable[[], None]:

@@ -13,6 +13,17 @@ How the model lays out one image, measured on ``transformers`` 5.23:
   sees; the layout therefore numbers tiles in encoder order, and only which tile is the thumbnail
   matters to methods.
 
+**Videos** are frames written as one-tile images: ``InternVLProcessor`` replaces ``<video>`` with
+``Frame1: <img>...</img>\nFrame2: <img>...</img>...`` (256 tokens per frame at 448 px, 8,192 for
+32 frames) and puts the frames' pixels among the images' in ``pixel_values``. The model cannot tell a
+video's frames from images, and neither can an adapter. With ``frames_as_video=True``
+(``tokred.apply(..., adapter_options={"frames_as_video": True})``) every run of two or more
+consecutive one-tile images of a row (no image of more tiles between them) is one video whose frames
+are those images (:meth:`ImageLayout.video`): budgets count over the video, ToDRE's pivot is taken
+over all frames. The default (``False``) keeps every frame an image of its own, budgets per frame.
+A one-tile image next to a video would be taken for one more frame: give such prompts images of
+more than one tile, or leave the option off.
+
 [CLS] attention (ToDRE's pivot): each tile's [CLS] row at the vision feature layer, averaged over
 heads, ``[s * s]``; the attention of the four patches that pixel shuffle merges into one token is
 **summed** onto that token (the merged token's share of the [CLS] attention; the mean would rank the
@@ -26,10 +37,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..errors import RuntimeStateError
+from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
 from .base import (
-    Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, key_rows,
+    Adapter, ImageSpan, VisionProbes, capture_projector_inputs, cls_attention_rows, encoder_layer_of, key_rows, order_spans,
     split_image_tokens,
 )
 
@@ -65,13 +76,20 @@ class InternVLAdapter(Adapter):
         use_thumbnail: whether the processor appended a thumbnail to multi-tile images (the released
             processors' default, ``True``). The model cannot tell; with ``False`` tiled images have no
             thumbnail and methods that look for one use every tile instead.
+        frames_as_video: whether runs of two or more consecutive one-tile images are the frames of
+            a video (how the processor writes a video; see the module documentation). Default
+            ``False``: every one-tile image is an image.
     """
 
     model_classes = ("InternVLForConditionalGeneration",)
 
-    def __init__(self, model: nn.Module, family: str | None = None, *, use_thumbnail: bool = True) -> None:
+    def __init__(self, model: nn.Module, family: str | None = None, *, use_thumbnail: bool = True,
+                 frames_as_video: bool = False) -> None:
         super().__init__(model, family)
         self.use_thumbnail = bool(use_thumbnail)
+        if not isinstance(frames_as_video, bool):
+            raise OptionsError(f"frames_as_video must be True or False, got {frames_as_video!r}")
+        self.frames_as_video = frames_as_video
 
     # ----------------------------------------------------------------- geometry
 
@@ -96,26 +114,42 @@ class InternVLAdapter(Adapter):
 
     def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         """Every image's tokens, row-major over the batch: each image is one run of context tokens
-        between ``<img>`` and ``</img>``, a whole number of tiles long."""
+        between ``<img>`` and ``</img>``, a whole number of tiles long. With ``frames_as_video``,
+        runs of two or more consecutive one-tile images of a row are one video each."""
         import torch
 
         side, per_tile = self._token_side(), self.tokens_per_tile()
-        spans: list[ImageSpan] = []
-        per_row: dict[int, int] = {}
-        first_tile = 0
-        for encoder_index, (row, positions) in enumerate(split_image_tokens(input_ids, self.image_token_id(), None)):
+        chunks = split_image_tokens(input_ids, self.image_token_id(), None)
+        for row, positions in chunks:
             if positions.numel() % per_tile:
                 raise RuntimeStateError(
                     f"row {row} has an image of {positions.numel()} tokens, not a multiple of {per_tile} per tile"
                 )
-            tiles = positions.numel() // per_tile
-            image = per_row.get(row, 0)
-            per_row[row] = image + 1
+        spans: list[ImageSpan] = []
+        first_tile = 0
+        for encoder_index, group in enumerate(self._groups(chunks, per_tile)):
+            row = group[0][0]
+            positions = torch.cat([p for _, p in group])
             probe_rows = torch.arange(positions.numel()) + first_tile * per_tile
+            tiles = positions.numel() // per_tile
             first_tile += tiles
-            spans.append(ImageSpan(row, image, positions, tiles_layout(tiles, side, self.use_thumbnail),
-                                   encoder_index, probe_rows))
-        return spans
+            layout = ImageLayout.video(len(group), side, side) if len(group) > 1 else tiles_layout(tiles, side, self.use_thumbnail)
+            spans.append(ImageSpan(row, 0, positions, layout, encoder_index, probe_rows))
+        return order_spans(spans)
+
+    def _groups(self, chunks: list[tuple[int, torch.Tensor]], per_tile: int) -> list[list[tuple[int, torch.Tensor]]]:
+        """The runs of ``chunks`` (``(row, positions)`` in order) that form one visual item each: every
+        image alone, or with ``frames_as_video`` a video of consecutive one-tile images of a row."""
+        groups: list[list[tuple[int, torch.Tensor]]] = []
+        for chunk in chunks:
+            one_tile = chunk[1].numel() == per_tile
+            previous = groups[-1] if groups else None
+            if (self.frames_as_video and one_tile and previous is not None and previous[-1][0] == chunk[0]
+                    and previous[-1][1].numel() == per_tile):
+                previous.append(chunk)
+            else:
+                groups.append([chunk])
+        return groups
 
     # ------------------------------------------------------------ vision probes
 

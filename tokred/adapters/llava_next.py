@@ -39,6 +39,7 @@ one answer, tokred raises instead of guessing.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
@@ -59,7 +60,8 @@ NewlineTokens = Literal["keep", "prune"]
 
 
 def anyres_layout(tiles_high: int, tiles_wide: int, side: int, image_size: tuple[int, int] | None,
-                  unpadded: tuple[int, int] | None = None) -> tuple[ImageLayout, torch.Tensor]:
+                  unpadded: tuple[int, int] | None = None, *,
+                  modeling: str = "llava_next.modeling_llava_next") -> tuple[ImageLayout, torch.Tensor]:
     """The layout of one LLaVA-NeXT image *including* its newline tokens, in sequence order.
 
     Args:
@@ -69,6 +71,8 @@ def anyres_layout(tiles_high: int, tiles_wide: int, side: int, image_size: tuple
             ``None`` with ``unpadded`` given.
         unpadded: ``(H', W')`` of the cropped grid when the image size is unknown; the crop is
             centred, as ``unpad_image`` does.
+        modeling: the modeling module whose ``unpad_image`` decides the crop (LLaVA-NeXT-Video has
+            its own copy).
 
     Returns:
         ``(layout, probe_cells)``: the layout (``extra`` marks newline tokens) and ``[N]`` long,
@@ -76,7 +80,7 @@ def anyres_layout(tiles_high: int, tiles_wide: int, side: int, image_size: tuple
     """
     import torch
 
-    unpad_image = compat.modeling_function("llava_next.modeling_llava_next", "unpad_image")
+    unpad_image = compat.modeling_function(modeling, "unpad_image")
 
     height, width = tiles_high * side, tiles_wide * side
     if image_size is not None:
@@ -121,6 +125,8 @@ class LlavaNextAdapter(LlavaAdapter):
     """
 
     model_classes = ("LlavaNextForConditionalGeneration",)
+    #: The ``transformers.models`` module whose layout functions the model uses.
+    modeling_module: str = "llava_next.modeling_llava_next"
 
     def __init__(self, model: nn.Module, family: str | None = None, *, newline_tokens: NewlineTokens = "keep") -> None:
         super().__init__(model, family)
@@ -155,7 +161,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _layouts(self, inputs: Mapping[str, Any]) -> list[tuple[ImageLayout, torch.Tensor, int]]:
         """``(layout with newlines, probe cells, encoder rows)`` of every image in encoder order."""
-        get_anyres_image_grid_shape = compat.modeling_function("llava_next.modeling_llava_next", "get_anyres_image_grid_shape")
+        get_anyres_image_grid_shape = compat.modeling_function(self.modeling_module, "get_anyres_image_grid_shape")
 
         side = self._grid_side()
         sizes = inputs.get(Keyword.IMAGE_SIZES)
@@ -164,7 +170,7 @@ class LlavaNextAdapter(LlavaAdapter):
             result = []
             for size in sizes.tolist():
                 high, wide = get_anyres_image_grid_shape(size, self.model.config.image_grid_pinpoints, tile_px)  # type: ignore[union-attr]
-                layout, cells = anyres_layout(high, wide, side, tuple(size))
+                layout, cells = anyres_layout(high, wide, side, tuple(size), modeling=self.modeling_module)
                 result.append((layout, cells, 1 + high * wide))
             return result
         return self._layouts_from_features(inputs)
@@ -201,15 +207,19 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         result = []
         for (high, wide), grid in zip(choices[0], grids):
-            layout, cells = anyres_layout(high, wide, side, None, unpadded=grid)
+            layout, cells = anyres_layout(high, wide, side, None, unpadded=grid, modeling=self.modeling_module)
             result.append((layout, cells, 1 + high * wide))
         return result
 
     def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        return self._image_spans(input_ids, inputs)[0]
+
+    def _image_spans(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[list[ImageSpan], int]:
+        """The images' spans and the number of encoder rows (thumbnails and tiles) they take."""
         import torch
 
         if not bool((input_ids == self.image_token_id()).any()):
-            return []
+            return [], 0
         layouts = self._layouts(inputs)
         chunks = split_image_tokens(input_ids, self.image_token_id(), [layout.num_tokens for layout, _, _ in layouts])
         spans: list[ImageSpan] = []
@@ -220,14 +230,13 @@ class LlavaNextAdapter(LlavaAdapter):
             probe_rows = torch.where(cells >= 0, cells + first_row * cells_per_row, -1)
             first_row += encoder_rows
             if self.newline_tokens == "keep":
-                patches = ~layout.extra  # type: ignore[operator]
+                patches = torch.nonzero(~layout.extra).flatten()  # type: ignore[operator]
                 positions, probe_rows = positions[patches], probe_rows[patches]
-                layout = ImageLayout(layout.tile[patches], layout.row[patches], layout.col[patches], layout.grids,
-                                     layout.thumbnail_tile)
+                layout = dataclasses.replace(layout.subset(patches), extra=None)
             image = per_row.get(row, 0)
             per_row[row] = image + 1
             spans.append(ImageSpan(row, image, positions, layout, encoder_index, probe_rows))
-        return spans
+        return spans, first_row
 
 
 def _whole_repeat(needed: int, seen: int, images: int) -> bool:

@@ -26,9 +26,22 @@ also pass on 5.17):
   row-major order of the mask). They are reduced with the sequence at stage I and, for gates inside
   those layers, at each gate (:class:`Qwen3VLAdapter`).
 
-Not supported: video inputs (refused with a clear error; the test processors have no video
-processor, which needs torchvision), and pre-projector features (not captured; selectors that need
-them say so).
+* **Videos.** The video processor samples frames and merges every 2 consecutive frames into one
+  temporal patch (``temporal_patch_size``), so a video of ``F`` frames has ``t = ceil(F / 2)``
+  temporal patches on a ``(t, h, w)`` grid (``video_grid_thw``) and becomes ``t * (h / 2) * (w / 2)``
+  tokens, temporal patch after temporal patch, each row-major, where the processor expanded
+  ``<|video_pad|>`` (32 frames at 448 x 448 px: 16 x 256 = 4,096 tokens). Qwen2-VL and Qwen2.5-VL
+  place them in one run; their M-RoPE temporal axis advances by 1 per temporal patch (Qwen2.5-VL:
+  by ``tokens_per_second * second_per_grid_ts``, i.e. in absolute time). Qwen3-VL writes every
+  temporal patch as its own run, ``<t seconds><|vision_start|> ... <|vision_end|>``, whose temporal
+  position is that of a still image: the timestamps carry the time; its deepstack features cover the
+  video tokens too (``visual_pos_masks`` marks images and videos together). tokred sees each video as
+  one span whose layout (:meth:`ImageLayout.video`) has one frame per temporal patch; budgets count
+  over the whole video (``spread="tiles"``: per temporal patch). Ours: Qwen3-VL's timestamps and
+  frame markers after the first frame are instruction text under the default rule of
+  :meth:`Adapter.text_roles` (every text token after a row's first visual token).
+
+Not supported: pre-projector features (not captured; selectors that need them say so).
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from .. import compat
 from ..compat import Keyword
 from ..errors import RuntimeStateError, ScheduleError
 from ..tokens import ImageLayout
-from .base import Adapter, ImageSpan, VisionProbes, split_image_tokens
+from .base import Adapter, ImageSpan, VisionProbes, order_spans, split_image_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -47,12 +60,16 @@ if TYPE_CHECKING:
 __all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "merged_layout"]
 
 
-def merged_layout(t: int, h: int, w: int) -> ImageLayout:
+def merged_layout(t: int, h: int, w: int, *, video: bool = False) -> ImageLayout:
     """Layout of one image's ``h * w`` merged tokens (``h``, ``w`` after the 2x2 merge), row-major,
-    as the model emits them. Images have one temporal slice (``t = 1``): the processor repeats a
-    still image to fill the 2-frame temporal patch. More slices only come from videos."""
+    as the model emits them; or, with ``video``, of a video's ``t`` temporal patches of ``h x w``
+    tokens each, one after the other (each temporal patch is one frame of the layout). Images have
+    one temporal slice (``t = 1``): the processor repeats a still image to fill the 2-frame temporal
+    patch."""
+    if video:
+        return ImageLayout.video(t, h, w)
     if t != 1:
-        raise RuntimeStateError(f"an image with {t} temporal slices is a video, which tokred does not reduce yet")
+        raise RuntimeStateError(f"an image with {t} temporal slices: only videos have more than one")
     return ImageLayout.grid(h, w)
 
 
@@ -75,79 +92,96 @@ class QwenVLAdapter(Adapter):
 
     # ------------------------------------------------------------------ images
 
-    def image_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int, int]] | None:
-        """``(t, h, w)`` of every image *after* the 2x2 merge, in encoder order, from
-        ``image_grid_thw`` (``[num_images, 3]``, before merging) when the call carries it, else ``None``.
+    def image_grids(self, inputs: Mapping[str, Any], kind: str = "image") -> list[tuple[int, int, int]] | None:
+        """``(t, h, w)`` of every image (``kind="video"``: every video) *after* the 2x2 merge, in
+        encoder order, from ``image_grid_thw`` / ``video_grid_thw`` (``[num, 3]``, before merging)
+        when the call carries it, else ``None``.
 
-        ``generate`` in transformers 5.23 runs the vision tower itself and then drops
-        ``image_grid_thw`` from the model's inputs; :meth:`image_spans` then reads each image's grid
-        from its M-RoPE position ids instead.
+        ``generate`` in transformers 5.23 runs the vision tower itself and then drops the grids from
+        the model's inputs; :meth:`image_spans` then reads each grid from its M-RoPE position ids instead.
         """
-        grid = inputs.get(Keyword.IMAGE_GRID_THW)
+        grid = inputs.get(Keyword.VIDEO_GRID_THW if kind == "video" else Keyword.IMAGE_GRID_THW)
         if grid is None:
             return None
         m = self._merge()
         return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()]
 
-    def _image_token_counts(self, inputs: Mapping[str, Any]) -> list[int] | None:
-        """Visual tokens per image in encoder order, from the grids or from the features that
-        ``generate`` computed ahead of the call (``mm_encoder_outputs["image"].pooler_output``, one
-        ``[N_i, D]`` per image)."""
-        grids = self.image_grids(inputs)
+    def _image_token_counts(self, inputs: Mapping[str, Any], kind: str = "image") -> list[int] | None:
+        """Visual tokens per image (or video) in encoder order, from the grids or from the features
+        that ``generate`` computed ahead of the call (``mm_encoder_outputs[kind].pooler_output``, one
+        ``[N_i, D]`` per image or video)."""
+        grids = self.image_grids(inputs, kind)
         if grids is not None:
             return [t * h * w for t, h, w in grids]
-        encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_IMAGE)
+        key = Keyword.ENCODER_OUTPUTS_VIDEO if kind == "video" else Keyword.ENCODER_OUTPUTS_IMAGE
+        encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(key)
         features = getattr(encoded, "pooler_output", None)
         if isinstance(features, (tuple, list)):
             return [int(f.shape[0]) for f in features]
         return None
 
-    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
-        """Every image's tokens, row-major over the batch (the order ``masked_scatter`` fills them).
+    @staticmethod
+    def _has_videos(inputs: Mapping[str, Any]) -> bool:
+        """Whether the call carries video inputs: pixels or the features ``generate`` computed."""
+        return (inputs.get(Keyword.PIXEL_VALUES_VIDEOS) is not None
+                or (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_VIDEO) is not None)
 
-        Images are told apart by their token counts (from ``image_grid_thw`` or the precomputed
-        features), so two images with no text between them still split correctly; without either,
-        each contiguous run of image tokens is one image. Grids come from ``image_grid_thw`` or, when
-        ``generate`` dropped it, from the image's M-RoPE rows (height and width positions span
-        ``h`` and ``w`` values).
+    def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        """Every image's and video's tokens, row-major over the batch and in sequence order within a
+        row (images and videos numbered together).
+
+        Images (``<|image_pad|>``) and videos (``<|video_pad|>``) are told apart by their token ids
+        and from one another by their token counts (from the grids or the precomputed features), so
+        two images with no text between them still split correctly, and a Qwen3-VL video, whose frames
+        are separated by timestamp text, is still one video; without counts, each contiguous run of
+        tokens is one image. Grids come from ``image_grid_thw`` / ``video_grid_thw`` or, when
+        ``generate`` dropped them, from the M-RoPE rows (height and width positions span ``h`` and
+        ``w`` values within a frame).
+
+        Videos are located only when the call carries video inputs: a ``<|video_pad|>`` fed back
+        without video features is plain text to the model, and to tokred.
         """
-        # The call's video *inputs* decide, not video token ids: a generated <|video_pad|> fed back
-        # without video features is plain text to the model, and to tokred.
-        if (inputs.get(Keyword.PIXEL_VALUES_VIDEOS) is not None
-                or (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_VIDEO) is not None):
-            raise RuntimeStateError(
-                f"{type(self.model).__name__}: video inputs are not supported by tokred yet (only images); "
-                "run videos without tokred.apply"
-            )
-        counts = self._image_token_counts(inputs)
-        grids = self.image_grids(inputs)
-        chunks = split_image_tokens(input_ids, self.image_token_id(), counts)
+        spans = self._spans_of(input_ids, inputs, "image")
+        if self._has_videos(inputs):
+            spans += self._spans_of(input_ids, inputs, "video")
+        return order_spans(spans)
+
+    def _spans_of(self, input_ids: torch.Tensor, inputs: Mapping[str, Any], kind: str) -> list[ImageSpan]:
+        token = self.video_token_id() if kind == "video" else self.image_token_id()
+        if token is None:
+            raise RuntimeStateError(f"{type(self.model).__name__}: the config names no video_token_id")
+        counts = self._image_token_counts(inputs, kind)
+        grids = self.image_grids(inputs, kind)
         spans: list[ImageSpan] = []
-        per_row: dict[int, int] = {}
-        for encoder_index, (row, positions) in enumerate(chunks):
+        for encoder_index, (row, positions) in enumerate(split_image_tokens(input_ids, token, counts)):
             if grids is not None:
                 t, h, w = grids[encoder_index]
             else:
                 t, h, w = self._grid_from_positions(inputs.get(Keyword.POSITION_IDS), row, positions)
             if t * h * w != positions.numel():
                 raise RuntimeStateError(
-                    f"image {encoder_index} has {positions.numel()} tokens but a {t}x{h}x{w} merged grid"
+                    f"{kind} {encoder_index} has {positions.numel()} tokens but a {t}x{h}x{w} merged grid"
                 )
-            image = per_row.get(row, 0)
-            per_row[row] = image + 1
-            spans.append(ImageSpan(row, image, positions, merged_layout(t, h, w), encoder_index))
+            spans.append(ImageSpan(row, 0, positions, merged_layout(t, h, w, video=kind == "video"), encoder_index))
         return spans
 
     @staticmethod
     def _grid_from_positions(position_ids: torch.Tensor | None, row: int, positions: torch.Tensor) -> tuple[int, int, int]:
-        """``(t, h, w)`` of one image from its M-RoPE positions ``[3 or 4, B, L]``: the height and
-        width axes take ``h`` and ``w`` consecutive values over an image (get_rope_index)."""
+        """``(t, h, w)`` of one image or video from its M-RoPE positions ``[3 or 4, B, L]``: within a
+        frame the height and width axes take ``h`` and ``w`` consecutive values (get_rope_index).
+        A Qwen3-VL video is one contiguous run of tokens per frame (timestamps between them), so its
+        frames are its runs; a Qwen2/2.5-VL video is one run of ``t * h * w`` tokens."""
+        import torch
+
         if position_ids is None or position_ids.dim() != 3:
             raise RuntimeStateError(
-                "cannot tell the image grid: the call carries neither image_grid_thw nor M-RoPE position ids; "
-                "pass the processor's image_grid_thw"
+                "cannot tell the image or video grid: the call carries neither image_grid_thw / video_grid_thw nor "
+                "M-RoPE position ids; pass the processor's grids"
             )
-        axes = position_ids[-3:, row if position_ids.shape[1] > 1 else 0, positions.to(position_ids.device)]
+        breaks = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
+        runs = torch.tensor_split(positions, breaks)
+        first = runs[0]
+        axes = position_ids[-3:, row if position_ids.shape[1] > 1 else 0, first.to(position_ids.device)]
         h = int(axes[1].max() - axes[1].min()) + 1
         w = int(axes[2].max() - axes[2].min()) + 1
         return positions.numel() // (h * w), h, w

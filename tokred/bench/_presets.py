@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import transformers
+    from PIL import Image
 
     from ..eval import Task
 
@@ -49,6 +50,9 @@ class Preset:
             that loads trained weights; ``None`` for a random-weight ``tiny_model``.
         task: ``"module:function"``, a function ``() -> tokred.eval.Task``: the task the model was
             trained for, used by ``tokred eval`` when no ``--task`` is given; ``None`` for none.
+        video_frames: for a video preset, the frames of the synthetic clip its prompt holds
+            (:meth:`video_prompt`), else ``None``.
+        frame_size: ``(width, height)`` of the clip's frames.
     """
 
     name: str
@@ -57,6 +61,8 @@ class Preset:
     overrides: dict[str, Any] = field(default_factory=dict)
     loader: str | None = None
     task: str | None = None
+    video_frames: int | None = None
+    frame_size: tuple[int, int] = (336, 336)
 
     @property
     def trained(self) -> bool:
@@ -74,6 +80,24 @@ class Preset:
     def build_task(self) -> Task | None:
         """The preset's own task, or ``None`` when it has none."""
         return None if self.task is None else _resolve(self.task)()
+
+    def video_prompt(self, processor: Any, prompt: str) -> tuple[Any, list[Image.Image]]:
+        """For a video preset: the processor's inputs (a ``BatchFeature``) of one user turn holding
+        the synthetic clip (:func:`tokred.testing.make_video`) and ``prompt``, and the clip's frames.
+
+        Raises:
+            ValueError: the preset has no video.
+        """
+        from ..testing import make_video
+
+        if self.video_frames is None:
+            raise ValueError(f"preset {self.name!r} has no video")
+        clip = make_video(self.video_frames, *self.frame_size)
+        content = [{"type": "video"}, {"type": "text", "text": prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(text=[text], videos=[clip], return_tensors="pt")
+        inputs.pop("video_metadata", None)
+        return inputs, clip
 
 
 def _resolve(target: str) -> Any:
@@ -130,6 +154,22 @@ PRESETS: dict[str, Preset] = {
             "+ thumbnail, 320 visual tokens), InternViT 32 wide x 2 layers, Qwen2 64 wide x 8",
         ),
         Preset(
+            "tiny-qwen2-vl-video", "qwen2_vl",
+            "tokred.testing.tiny_model('qwen2_vl') prompted with a synthetic 8-frame clip at 112 x 112 px: 4 temporal "
+            "patches of 4 x 4 tokens (64 visual tokens); for tests and trying the commands",
+            video_frames=8, frame_size=(112, 112),
+        ),
+        Preset(
+            "qwen2-vl-video-135m", "qwen2_vl",
+            "a video prompt: a synthetic 32-frame clip at 224 x 224 px, which Qwen2-VL merges into 16 temporal "
+            "patches of 8 x 8 tokens (1,024 visual tokens), through a Qwen2-VL vision tower 256 wide x 6 layers and "
+            "SmolLM-135M's decoder (576 wide, 30 layers, 9 heads, 3 KV heads, intermediate 1536) with M-RoPE; "
+            "random weights",
+            {**_SMOLLM_135M, "initializer_range": 0.02, "mrope_section": (8, 12, 12), "max_video_pixels": 224 * 224,
+             "vision_hidden_size": 256, "vision_depth": 6, "vision_num_heads": 4, "vision_intermediate_size": 1024},
+            video_frames=32, frame_size=(224, 224),
+        ),
+        Preset(
             "llava-next-135m", "llava_next",
             "LLaVA-NeXT layout at its real token counts (336 px tiles, llava-v1.6 pinpoints: a square image is "
             "2,880 visual tokens + 48 newlines) with llava-135m's CLIP tower and SmolLM-135M's decoder; random weights",
@@ -139,7 +179,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "proxy", "",
             "TRAINED SYNTHETIC PROXY (tokred.eval.proxy, shipped weights): stock LLaVA, CLIP 64 wide x 2 layers, "
-            "Llama 128 wide x 3, 256 visual tokens, trained on procedural cluttered scenes; brings its own task "
+            "Llama 128 wide x 4, 256 visual tokens, trained on procedural cluttered scenes; brings its own task "
             "(tokred eval needs no --task); ranks methods on that task only, not the papers' benchmarks",
             loader="tokred.eval.proxy:load_proxy", task="tokred.eval.proxy:proxy_task",
         ),

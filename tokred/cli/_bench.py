@@ -16,7 +16,8 @@ from ._loading import (
     load_images,
     method_options,
     open_source,
-    prompt_inputs,
+    preset_or_prompt_inputs,
+    video_preset,
     visual_token_counts,
 )
 
@@ -133,9 +134,10 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
         Contender(name, f"{kind}={value:g}", registry.create(name, **{**options, kind: value}), budget_value=value)
         for name in names for kind, value in budgets
     ]
+    video_preset(args)  # before any file is read: a video preset takes no --image
     images, _ = load_images(args.image, output)
     source = open_source(args, registry, output)
-    inputs = prompt_inputs(source.processor, images, args.prompt)
+    inputs, _ = preset_or_prompt_inputs(args, source.processor, images, args.prompt)
     counts = visual_token_counts(inputs, source.image_token_id, len(images))
     too_large = [value for kind, value in budgets if kind == "keep" and counts and value > min(counts)]
     if too_large:  # measured anyway: the other budgets are worth the run, and the rows say why these failed

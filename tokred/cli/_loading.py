@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "preset_catalogue", "add_model_source", "add_method", "method_options", "create_method", "check_options",
     "resolve_device", "open_image", "load_images", "check_output_file", "Source", "open_source", "prompt_inputs",
-    "visual_token_counts", "check_keep",
+    "visual_token_counts", "check_keep", "video_preset", "preset_or_prompt_inputs",
 ]
 
 # ---------------------------------------------------------------------------- presets
@@ -465,6 +465,33 @@ def prompt_inputs(processor: Any, images: list[Image.Image], prompt: str) -> Any
     except ValueError as exc:  # typically: the processor ships no chat template
         raise CommandError(f"cannot build the prompt with the processor's chat template: {exc}") from None
     return processor(images=images, text=text, return_tensors="pt")
+
+
+def video_preset(args: argparse.Namespace) -> Any | None:
+    """The ``--preset`` when it is a video preset (its prompt holds a synthetic clip), else ``None``;
+    raises :class:`CommandError` when such a preset is given ``--image`` files."""
+    if not getattr(args, "preset", None):
+        return None
+    from ..bench import PRESETS
+
+    preset = PRESETS.get(args.preset)
+    if preset is None or preset.video_frames is None:
+        return None
+    if getattr(args, "image", None):
+        raise CommandError(f"preset {preset.name!r} prompts with its own synthetic {preset.video_frames}-frame clip; "
+                           "--image does not apply to it")
+    return preset
+
+
+def preset_or_prompt_inputs(args: argparse.Namespace, processor: Any, images: list[Image.Image],
+                            prompt: str) -> tuple[Any, list[Any]]:
+    """``(inputs, pictures)``: a video preset's prompt with its synthetic clip (the pictures: the
+    clip's frames, one list), else :func:`prompt_inputs` with ``images``."""
+    preset = video_preset(args)
+    if preset is None:
+        return prompt_inputs(processor, images, prompt), list(images)
+    inputs, clip = preset.video_prompt(processor, prompt)
+    return inputs, [clip]
 
 
 def visual_token_counts(inputs: Any, image_token_id: int | None, num_images: int) -> list[int] | None:

@@ -16,7 +16,8 @@ from ._loading import (
     load_images,
     method_options,
     open_source,
-    prompt_inputs,
+    preset_or_prompt_inputs,
+    video_preset,
     visual_token_counts,
 )
 
@@ -65,15 +66,16 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     check_output_file(args.output, "--output")
     options = method_options(args)
     method = create_method(registry, args.method, options)
+    video_preset(args)  # before any file is read: a video preset takes no --image
     images, _ = load_images(args.image, output)
     source = open_source(args, registry, output)
-    inputs = prompt_inputs(source.processor, images, args.prompt)
+    inputs, pictures = preset_or_prompt_inputs(args, source.processor, images, args.prompt)
     check_keep(options.get("keep"), visual_token_counts(inputs, source.image_token_id, len(images)))
     model = source.load_model()
     inputs = inputs.to(device=source.device, dtype=model.dtype)
     budget = next((f"{k}={v:g}" for k, v in (("keep", args.keep), ("keep_ratio", args.keep_ratio)) if v is not None),
                   "default budget")
-    figure = show(model, source.processor, inputs, method, images, title=f"{args.method} ({budget}) on {source.name}",
+    figure = show(model, source.processor, inputs, method, pictures, title=f"{args.method} ({budget}) on {source.name}",
                   registry=registry)
     try:
         figure.image.save(args.output, format="PNG")

@@ -46,7 +46,7 @@ def classify_call(state: RunState, module: nn.Module, args: tuple, kwargs: dict)
         state.mode = "prefill"
         check_dynamic_cache(cache)
         encoded = encoded_images(kwargs)
-        if kwargs.get(Keyword.PIXEL_VALUES) is not None:
+        if kwargs.get(Keyword.PIXEL_VALUES) is not None or kwargs.get(Keyword.PIXEL_VALUES_VIDEOS) is not None:
             # The vision tower runs inside this call: what it captures now is this prefill's.
             state.probes.clear()
         elif encoded is not None and state.consumed_probes is not None and state.consumed_probes[0]() is encoded:
@@ -61,8 +61,8 @@ def classify_call(state: RunState, module: nn.Module, args: tuple, kwargs: dict)
             "this KV cache was not filled by the active tokred run; tokred can only continue decoding "
             "on a cache whose prefill it reduced"
         )
-    if kwargs.get(Keyword.PIXEL_VALUES) is not None:
-        raise RuntimeStateError("new images on a continued cache are not supported; start a new prefill")
+    if kwargs.get(Keyword.PIXEL_VALUES) is not None or kwargs.get(Keyword.PIXEL_VALUES_VIDEOS) is not None:
+        raise RuntimeStateError("new images or videos on a continued cache are not supported; start a new prefill")
     # Position ids the caller did not give are the adapter's to compute: a model that derives
     # them itself before its language model (Qwen's M-RoPE) reads the pruned cache's length.
     state.caller_positions = kwargs.get(Keyword.POSITION_IDS) is not None
@@ -142,6 +142,11 @@ def check_left_padded(real: torch.Tensor) -> None:
 
 
 def encoded_images(kwargs: Mapping[str, Any]) -> Any | None:
-    """The vision tower's image outputs a call carries (``mm_encoder_outputs["image"]``, 5.23+), or None."""
+    """The vision tower's outputs a call carries (``mm_encoder_outputs["image"]``, else
+    ``mm_encoder_outputs["video"]``, 5.23+), or None: the object ``generate(use_cache=False)`` hands
+    every step again, by which a step is recognised as reusing the first step's encoding."""
     encoded = kwargs.get(Keyword.ENCODER_OUTPUTS)
-    return encoded.get(Keyword.ENCODER_OUTPUTS_IMAGE) if isinstance(encoded, Mapping) else None
+    if not isinstance(encoded, Mapping):
+        return None
+    image = encoded.get(Keyword.ENCODER_OUTPUTS_IMAGE)
+    return image if image is not None else encoded.get(Keyword.ENCODER_OUTPUTS_VIDEO)

@@ -133,7 +133,8 @@ def check_span_budgets(state: RunState, span: ImageSpan) -> None:
     """Every stage's budget and the selector's options for one image the prefill holds (per tile
     with a selector budget spread over tiles), before any selector or decoder layer runs."""
     n = span.positions.numel()
-    check_image_budgets(state.schedule, state.gate_layers, n, f"image {span.image} of sample {span.sample} has {n} visual tokens")
+    kind = "video" if span.layout.is_video else "image"
+    check_image_budgets(state.schedule, state.gate_layers, n, f"{kind} {span.image} of sample {span.sample} has {n} visual tokens")
     stage = state.schedule.selector
     if stage is not None and stage.budget.spread == "tiles":
         for tile in range(span.layout.num_tiles):

@@ -13,11 +13,14 @@ from ._checks import (
     conformance_cases,
     parametrize_with_checks,
     tiny_inputs,
+    tiny_video_inputs,
 )
 from ._builders import make_gate_state, make_visual_tokens
-from ._tiny import FAMILIES, make_image, tiny_model
+from ._tiny import FAMILIES, VIDEO_ADAPTER_OPTIONS, VIDEO_FAMILIES, make_image, tiny_model
+from ._video import make_video
 
 __all__ = [
-    "FAMILIES", "make_image", "tiny_model", "tiny_inputs", "make_visual_tokens", "make_gate_state",
+    "FAMILIES", "VIDEO_FAMILIES", "VIDEO_ADAPTER_OPTIONS", "make_image", "make_video", "tiny_model", "tiny_inputs",
+    "tiny_video_inputs", "make_visual_tokens", "make_gate_state",
     "CHECKS", "ConformanceError", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
 ]

@@ -44,10 +44,11 @@ from ..errors import BudgetError, OptionsError, ScheduleError, TokredError
 from ..method import Method
 from ..registry import Registry, default_registry
 from ..runtime import apply
-from ._tiny import FAMILIES, make_image, tiny_model
+from ._tiny import FAMILIES, VIDEO_ADAPTER_OPTIONS, VIDEO_FAMILIES, make_image, tiny_model
+from ._video import make_video
 
 __all__ = ["ConformanceError", "CHECKS", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
-           "tiny_inputs"]
+           "tiny_inputs", "tiny_video_inputs"]
 
 _ATOL = 1e-5
 _BATCH_ATOL = 1e-4  # padding changes summation order inside the kernels
@@ -59,19 +60,48 @@ class ConformanceError(AssertionError):
 
 @dataclass(frozen=True)
 class Case:
-    """One (method, family, attention implementation) combination."""
+    """One (method, family, attention implementation, modality) combination.
+
+    ``modality`` is ``"image"`` (prompts with one synthetic image each, :func:`tiny_inputs`) or
+    ``"video"`` (one synthetic clip each, :func:`tiny_video_inputs`; families of
+    :data:`~tokred.testing.VIDEO_FAMILIES`, with the adapter options their videos need).
+    """
 
     method: Method
     name: str
     family: str
     attn_implementation: str
     registry: Registry
+    modality: str = "image"
 
     def fail(self, prop: str, message: str) -> ConformanceError:
-        return ConformanceError(f"[{prop}] method {self.name!r} on {self.family} ({self.attn_implementation}): {message}")
+        video = ", video" if self.modality == "video" else ""
+        return ConformanceError(f"[{prop}] method {self.name!r} on {self.family} ({self.attn_implementation}{video}): {message}")
 
     def model(self) -> tuple[nn.Module, Any]:
         return tiny_model(self.family, attn_implementation=self.attn_implementation)
+
+    @property
+    def adapter_options(self) -> dict[str, Any] | None:
+        """What ``tokred.apply`` needs to be told for this case (InternVL: that frames form a video)."""
+        return VIDEO_ADAPTER_OPTIONS.get(self.family) if self.modality == "video" else None
+
+    def apply(self, model: nn.Module, method: Method) -> Any:
+        """``tokred.apply`` for this case: its registry and adapter options."""
+        return apply(model, method, registry=self.registry, adapter_options=self.adapter_options)
+
+    def adapter(self, model: nn.Module) -> Any:
+        return self.registry.adapter_for(model, self.adapter_options)
+
+    def inputs(self, processor: Any, prompts: Sequence[str], *, first_prompt: int = 0) -> dict[str, torch.Tensor]:
+        """The processor's inputs for ``prompts`` in this case's modality. Video prompts of one batch
+        get clips of different lengths (4 and 6 frames) where the processor allows it (Qwen-VL);
+        processors that stack clips into one tensor get 4 frames each."""
+        if self.modality == "image":
+            return tiny_inputs(processor, prompts, first_prompt=first_prompt)
+        stacks = bool(getattr(getattr(processor, "video_processor", None), "stacks_frames", False))
+        frames = (4, 4) if stacks else (4, 6)
+        return tiny_video_inputs(processor, prompts, frames=frames, first_prompt=first_prompt)
 
     def refusal(self) -> str | None:
         """Why ``tokred.apply`` refuses this method on this family (a
@@ -82,7 +112,7 @@ class Case:
         calls: list[int] = []
         handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
         try:
-            apply(model, self.method, registry=self.registry)
+            self.apply(model, self.method)
         except ScheduleError as exc:
             if calls:
                 raise self.fail("refusal", "the model was called before the method was refused") from exc
@@ -109,6 +139,44 @@ def tiny_inputs(processor: Any, prompts: Sequence[str], images_per_prompt: int =
     if images:
         kwargs["images"] = images
     return dict(processor(**kwargs))
+
+
+def tiny_video_inputs(processor: Any, prompts: Sequence[str], videos_per_prompt: int = 1, *,
+                      frames: int | Sequence[int] = 4, images_per_prompt: int = 0, first_prompt: int = 0,
+                      size: tuple[int, int] = (112, 112)) -> dict[str, torch.Tensor]:
+    """Processor inputs for ``prompts``, each with ``images_per_prompt`` synthetic images followed by
+    ``videos_per_prompt`` synthetic clips (:func:`~tokred.testing.make_video`), built through the
+    processor's own chat template (``{"type": "video"}`` items) and its ``videos=`` argument, left-padded.
+
+    Args:
+        processor: a tiny model's processor (:data:`~tokred.testing.VIDEO_FAMILIES`), or any processor
+            whose chat template and ``videos=`` take a list of PIL frames per video.
+        prompts: the questions.
+        videos_per_prompt: clips per prompt.
+        frames: frames of every clip, or per prompt number (``frames[first_prompt + i]`` for prompt
+            ``i``, so that a prompt alone gets the clip it had in the batch).
+        images_per_prompt: still images before the clips (mixed prompts).
+        first_prompt: the number of the first prompt (seeds and frame counts), as in :func:`tiny_inputs`.
+        size: ``(width, height)`` of every frame before the processor resizes it.
+
+    Prompt ``i``'s clips are seeded ``10 * (first_prompt + i) + j``, its images like :func:`tiny_inputs`;
+    the images go to the processor as one list per prompt (LLaVA-OneVision lays out the images of a
+    multi-image prompt without tiles)."""
+    texts, images, videos = [], [], []
+    for i, prompt in enumerate(prompts, start=first_prompt):
+        content = ([{"type": "image"}] * images_per_prompt + [{"type": "video"}] * videos_per_prompt
+                   + [{"type": "text", "text": prompt}])
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        if images_per_prompt:  # nested per prompt: processors that lay out multi-image prompts differently see them
+            images.append([make_image(seed=10 * i + j) for j in range(images_per_prompt)])
+        count = frames if isinstance(frames, int) else frames[i]
+        videos += [make_video(count, *size, seed=10 * i + j) for j in range(videos_per_prompt)]
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+    return {name: value for name, value in processor(**kwargs).items() if name != "video_metadata"}
 
 
 _PROMPTS = ("What is shown in this image?", "Describe the picture in detail please, with the colours of every shape.")
@@ -175,9 +243,9 @@ def _answers(model: nn.Module, inputs: dict[str, torch.Tensor], generated: torch
 def check_keep_everything(case: Case) -> None:
     """Property 1: keeping every visual token reproduces the unmodified model's logits."""
     model, processor = case.model()
-    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    inputs = case.inputs(processor, _PROMPTS[:1])
     expected = _logits(model, inputs)
-    with apply(model, case.method.keep_everything(), registry=case.registry):
+    with case.apply(model, case.method.keep_everything()):
         got = _logits(model, inputs)
     if got.shape != expected.shape:
         raise case.fail("keep_everything", f"logits shape {tuple(got.shape)} != unmodified {tuple(expected.shape)}")
@@ -189,8 +257,8 @@ def check_keep_everything(case: Case) -> None:
 def check_cache_consistency(case: Case) -> None:
     """Property 2: cached generation equals cache-free recomputation on the same reduced sequence."""
     model, processor = case.model()
-    inputs = tiny_inputs(processor, _PROMPTS[:1])
-    with apply(model, case.method, registry=case.registry) as run:
+    inputs = case.inputs(processor, _PROMPTS[:1])
+    with case.apply(model, case.method) as run:
         cached = _generate(model, inputs)
         with run.frozen():
             recomputed = _generate(model, inputs, use_cache=False)
@@ -218,14 +286,14 @@ def _promised_counts(case: Case, num_layers: int, image_tokens: int) -> list[set
 def check_layer_counts(case: Case) -> None:
     """Property 3: each decoder layer sees the number of visual tokens the schedule promised."""
     model, processor = case.model()
-    inputs = tiny_inputs(processor, _PROMPTS[:1])
-    adapter = case.registry.adapter_for(model)
+    inputs = case.inputs(processor, _PROMPTS[:1])
+    adapter = case.adapter(model)
     layers = list(adapter.decoder_layers())
     # The adapter's candidates, not every image-token position: LLaVA-NeXT's newline tokens are
     # image tokens that stay (they count as text here).
     image_tokens = adapter.count_visual_tokens(inputs)
     text_tokens = inputs["input_ids"].shape[1] - image_tokens
-    with apply(model, case.method, registry=case.registry) as run, _count_layer_inputs(layers) as lengths:
+    with case.apply(model, case.method) as run, _count_layer_inputs(layers) as lengths:
         _logits(model, inputs)
     seen = [n - text_tokens for n in lengths[0]]
     promised = _promised_counts(case, len(layers), image_tokens)
@@ -242,13 +310,13 @@ def check_layer_counts(case: Case) -> None:
 def check_batch_invariance(case: Case) -> None:
     """Property 4: a padded batch behaves like each prompt alone."""
     model, processor = case.model()
-    batch = tiny_inputs(processor, _PROMPTS)
-    with apply(model, case.method, registry=case.registry) as run:
+    batch = case.inputs(processor, _PROMPTS)
+    with case.apply(model, case.method) as run:
         batch_logits = _logits(model, batch)[:, -1]
         batch_kept = run.report.kept_indices
         batch_tokens = _answers(model, batch, _generate(model, batch))
         for i, prompt in enumerate(_PROMPTS):
-            alone = tiny_inputs(processor, [prompt], first_prompt=i)
+            alone = case.inputs(processor, [prompt], first_prompt=i)
             alone_logits = _logits(model, alone)[:, -1]
             if run.report.kept_indices[0] != batch_kept[i]:
                 raise case.fail("batch_invariance", f"prompt {i} keeps different tokens in a batch than alone")
@@ -264,12 +332,12 @@ def check_batch_invariance(case: Case) -> None:
 def check_determinism_and_cleanup(case: Case) -> None:
     """Property 5: same inputs, same kept indices; no hook survives the run, even after an exception."""
     model, processor = case.model()
-    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    inputs = case.inputs(processor, _PROMPTS[:1])
     expected = _logits(model, inputs)  # transformers installs its own output-capturing hooks on first use
     before = _hook_census(model)
     kept, logits = [], []
     for _ in range(2):
-        with apply(model, case.method, registry=case.registry) as run:
+        with case.apply(model, case.method) as run:
             logits.append(_logits(model, inputs))
             kept.append(run.report.kept_indices)
     if kept[0] != kept[1]:
@@ -284,13 +352,13 @@ def check_determinism_and_cleanup(case: Case) -> None:
         pass
 
     try:
-        with apply(model, case.method, registry=case.registry):
+        with case.apply(model, case.method):
             raise _Boom
     except _Boom:
         pass
     if _hook_census(model) != before:
         raise case.fail("determinism_and_cleanup", "hooks remain after an exception inside the with block")
-    with apply(model, case.method.keep_everything(), registry=case.registry):
+    with case.apply(model, case.method.keep_everything()):
         pass
     if not torch.equal(_logits(model, inputs), expected):
         raise case.fail("determinism_and_cleanup", "the model computes differently after the run ended")
@@ -301,7 +369,7 @@ def check_text_only_and_errors(case: Case) -> None:
     model, processor = case.model()
     text = dict(processor(text=["USER: Tell me a story about a fox. ASSISTANT:"], return_tensors="pt"))
     expected = _logits(model, text)
-    with apply(model, case.method, registry=case.registry):
+    with case.apply(model, case.method):
         got = _logits(model, text)
         generated = _generate(model, text)
     if not torch.equal(got, expected):
@@ -322,7 +390,7 @@ def check_text_only_and_errors(case: Case) -> None:
         if image_tokens is not None:
             too_many = case.registry.create(case.name, keep=image_tokens + 1)
             try:
-                apply(model, too_many, registry=case.registry)
+                case.apply(model, too_many)
             except BudgetError:
                 pass
             else:
@@ -336,9 +404,9 @@ def check_text_only_and_errors(case: Case) -> None:
 def check_cache_free_generation(case: Case) -> None:
     """Property 7: ``generate(use_cache=False)`` re-decides at every step, consistently."""
     model, processor = case.model()
-    inputs = tiny_inputs(processor, _PROMPTS[:1])
+    inputs = case.inputs(processor, _PROMPTS[:1])
     length = inputs["input_ids"].shape[1]
-    with apply(model, case.method, registry=case.registry) as run:
+    with case.apply(model, case.method) as run:
         recomputed = _generate(model, inputs, use_cache=False)
         steps = recomputed.shape[1] - length
         if run.report.prefills != steps:
@@ -347,7 +415,7 @@ def check_cache_free_generation(case: Case) -> None:
             raise case.fail("cache_free_generation", "the report of the last step describes no image")
     for step in range(steps):
         prefix = _extended(inputs, recomputed[:, length:length + step])
-        with apply(model, case.method, registry=case.registry):  # greedy with generate's own logits processors
+        with case.apply(model, case.method):  # greedy with generate's own logits processors
             with torch.no_grad():
                 predicted = int(model.generate(**prefix, max_new_tokens=1, do_sample=False)[0, -1])
         if predicted != int(recomputed[0, length + step]):
@@ -356,7 +424,7 @@ def check_cache_free_generation(case: Case) -> None:
     schedule = case.method.schedule()
     reads_text = schedule.selector is not None and "instruction_embeddings" in schedule.selector.selector.inputs
     if not schedule.gates and not reads_text:
-        with apply(model, case.method, registry=case.registry):
+        with case.apply(model, case.method):
             cached = _generate(model, inputs)
         if not torch.equal(cached, recomputed):
             raise case.fail("cache_free_generation", f"without gates, generate without cache gave "
@@ -377,7 +445,7 @@ def _extended(inputs: dict[str, torch.Tensor], new_ids: torch.Tensor) -> dict[st
 
 
 def _fixed_tokens(case: Case, model: nn.Module) -> int | None:
-    return case.registry.adapter_for(model).visual_tokens_per_image()
+    return case.adapter(model).visual_tokens_per_image()
 
 
 def _unless_refused(check: Callable[[Case], None]) -> Callable[[Case], str | None]:
@@ -424,20 +492,32 @@ def conformance_cases(
     families: Sequence[str] | None = None,
     attn_implementations: Sequence[str] = ("sdpa", "eager"),
     registry: Registry | None = None,
+    *,
+    modality: str = "image",
 ) -> list[Case]:
     """The (family, attention implementation) cases a method is checked on.
 
-    ``families`` defaults to every registered adapter that :func:`tiny_model` can build.
+    ``families`` defaults to every registered adapter that :func:`tiny_model` can build (with
+    ``modality="video"``: that can also take videos, :data:`~tokred.testing.VIDEO_FAMILIES`).
     """
     registry = registry or default_registry()
+    if modality not in ("image", "video"):
+        raise OptionsError(f"modality must be 'image' or 'video', got {modality!r}")
     if isinstance(method, str):
         name, instance = method, registry.create(method)
     else:
         name, instance = registry.name_of(method), method
-    families = list(families) if families is not None else [f for f in registry.list_adapters() if f in FAMILIES]
+    capable = FAMILIES if modality == "image" else VIDEO_FAMILIES
+    if families is None:
+        families = [f for f in registry.list_adapters() if f in capable]
+    else:
+        families = list(families)
+        unable = [f for f in families if f not in capable]
+        if unable:
+            raise OptionsError(f"no tiny {modality} inputs for {unable}; families with them: {list(capable)}")
     if not families:
-        raise TokredError("no adapter family to check: none of the registered adapters has a tiny model")
-    return [Case(instance, name, f, impl, registry) for f in families for impl in attn_implementations]
+        raise TokredError(f"no adapter family to check: none of the registered adapters has a tiny model for {modality}s")
+    return [Case(instance, name, f, impl, registry, modality) for f in families for impl in attn_implementations]
 
 
 def check_method(
@@ -447,8 +527,13 @@ def check_method(
     *,
     registry: Registry | None = None,
     checks: Sequence[str] | None = None,
+    modality: str = "image",
 ) -> list[Refusal]:
     """Run the conformance suite for ``method`` (a registered name or a Method instance).
+
+    ``modality="video"`` runs every property on video prompts instead (one synthetic 4-frame clip
+    per prompt, clips of 4 and 6 frames in a batch where the processor allows it) on the families
+    that take videos.
 
     Raises :class:`ConformanceError` at the first property that fails, naming it, the family and
     the attention implementation. A Method instance must be of a registered class, since the suite
@@ -464,7 +549,7 @@ def check_method(
     if unknown:
         raise OptionsError(f"unknown checks {unknown}; valid: {list(CHECKS)}")
     refused = []
-    for case in conformance_cases(method, families, attn_implementations, registry):
+    for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
         refusal = case.refusal()
         if refusal is not None:
             refused.append(Refusal(case.family, case.attn_implementation, refusal))
@@ -481,6 +566,7 @@ def parametrize_with_checks(
     xfail: dict[str | tuple[str, str], str] | None = None,
     *,
     registry: Registry | None = None,
+    modality: str = "image",
 ) -> Any:
     """A ``pytest.mark.parametrize`` over ``case, check``: one test per (method, family, attention
     implementation, property), with ids like ``mymethod-llava-sdpa-cache_consistency``::
@@ -491,6 +577,7 @@ def parametrize_with_checks(
 
     ``xfail`` maps a property name, or a ``(method name, property)`` pair, to a reason; those
     tests are marked ``xfail(strict=True)``, so a fixed property shows up as a failure to update.
+    ``modality="video"`` checks video prompts (ids end in ``-video``) on the families that take videos.
     Cases where ``tokred.apply`` refuses the method (see the module documentation) are skipped
     with the refusal's message.
     pytest is imported here, not at module import: tokred does not depend on it.
@@ -511,10 +598,10 @@ def parametrize_with_checks(
 
     params = []
     for method in methods:
-        for case in conformance_cases(method, families, attn_implementations, registry):
+        for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
             for prop, check in CHECKS.items():
                 reason = xfail.get((case.name, prop), xfail.get(prop))
                 marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason is not None else []
-                ident = f"{case.name}-{case.family}-{case.attn_implementation}-{prop}"
+                ident = f"{case.name}-{case.family}-{case.attn_implementation}-{prop}" + ("-video" if modality == "video" else "")
                 params.append(pytest.param(case, skipping_refusals(check), marks=marks, id=ident))
     return pytest.mark.parametrize("case, check", params)

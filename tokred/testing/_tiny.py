@@ -19,22 +19,16 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 
 from ._bpe import train_byte_level_bpe
-from ._common import LLAVA_CHAT_TEMPLATE, TINY_LANGUAGE_MODEL
+from ._common import LLAVA_CHAT_TEMPLATE, LLAVA_CORPUS, TINY_LANGUAGE_MODEL
 
 from ._tiny_qwen import QWEN_BUILDERS
 from ._tiny_tiled import TILED_BUILDERS
+from ._tiny_video import VIDEO_MODEL_BUILDERS
 
 __all__ = ["FAMILIES", "make_image", "tiny_model"]
 
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-_CORPUS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "What is shown in this image? Describe the picture in detail.",
-    "A red circle, a green square and a blue triangle on a gradient background.",
-    "USER: What colour is the car? ASSISTANT: The car is yellow.",
-    "There are two cats sitting on a wooden table next to a window.",
-    "Please answer the question with a single word or a short phrase.",
-)
+_CORPUS = LLAVA_CORPUS
 
 # Tiny LLaVA-1.5 dimensions. The vision grid is kept at full size (336 / 14 -> 24x24 = 576
 # visual tokens) because token-reduction code cares about the real token count and grid
@@ -138,11 +132,20 @@ _BUILDERS: dict[str, tuple[_Builder, dict[str, Any]]] = {
     "llava_next": TILED_BUILDERS["llava_next"],
     **QWEN_BUILDERS,
     "internvl": TILED_BUILDERS["internvl"],
+    **VIDEO_MODEL_BUILDERS,
 }
 
 #: The families :func:`tiny_model` can build: ``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``,
 #: ``qwen3_vl``, ``internvl`` (one per registered adapter of the core).
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+
+#: The families whose tiny processors also take ``videos=`` (a torch-only video processor in place
+#: of the torchvision-bound one; see :mod:`tokred.testing._video`).
+VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video", "internvl")
+
+#: ``adapter_options`` a family's adapter needs to see a video as a video (InternVL's processor writes
+#: a video's frames as one-tile images, which the model cannot tell from images).
+VIDEO_ADAPTER_OPTIONS: dict[str, dict[str, Any]] = {"internvl": {"frames_as_video": True}}
 
 
 def tiny_model(

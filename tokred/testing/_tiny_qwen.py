@@ -4,9 +4,10 @@ Same recipe as :mod:`tokred.testing._tiny`: the real ``transformers`` model clas
 processor, every width and depth shrunk, a byte-level BPE tokenizer trained in-process on a few
 sentences (with Qwen's special tokens), random weights. Nothing is downloaded.
 
-Images only. The Qwen-VL processors also own a video processor, and every ``transformers`` video
-processor needs torchvision, which tokred does not depend on; :class:`_ImageOnlyProcessorMixin`
-removes that attribute, so the processors here reject ``videos=``.
+Images and videos. The processors are the real ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` and
+``Qwen3VLProcessor``; their video processor is :class:`~tokred.testing._video.TinyQwenVideoProcessor`
+(every ``transformers`` video processor needs torchvision), which computes the same tensors for
+already sampled frames, so ``processor(text=..., videos=[frames])`` works as with a real checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tokenizers import Tokenizer
 
 from ._bpe import train_byte_level_bpe
 from ._common import TINY_LANGUAGE_MODEL, chatml_template
+from ._video import TinyQwenVideoProcessor, with_tiny_video_processor
 
 __all__ = ["QWEN_BUILDERS", "QWEN_CORPUS"]
 
@@ -37,12 +39,14 @@ QWEN_CORPUS = (
     "Please answer the question with a single word or a short phrase.",
 )
 
-# The released Qwen2-VL / Qwen2.5-VL template, images only (the real one also places videos), plus
-# plain-string content so text-only chats are easy to write in tests. Qwen3-VL's has no default
-# system message; otherwise the same layout.
+# The released Qwen2-VL / Qwen2.5-VL template's layout of images and videos, plus plain-string
+# content so text-only chats are easy to write in tests. Qwen3-VL's has no default system message;
+# otherwise the same layout (its processor writes each frame's timestamp and markers in place of
+# <|video_pad|>).
 _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-_QWEN2_CHAT_TEMPLATE = chatml_template(_QWEN_IMAGE, default_system=True)
-_QWEN3_CHAT_TEMPLATE = chatml_template(_QWEN_IMAGE, default_system=False)
+_QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+_QWEN2_CHAT_TEMPLATE = chatml_template(_QWEN_IMAGE, default_system=True, video=_QWEN_VIDEO)
+_QWEN3_CHAT_TEMPLATE = chatml_template(_QWEN_IMAGE, default_system=False, video=_QWEN_VIDEO)
 
 # Shared tiny dimensions. Images are resized to at most 336 x 336 pixels: 24 x 24 patches of 14 px
 # merged 2 x 2 into a 12 x 12 grid of 144 visual tokens (Qwen3-VL: 16 px patches, 320 px after
@@ -50,6 +54,9 @@ _QWEN3_CHAT_TEMPLATE = chatml_template(_QWEN_IMAGE, default_system=False)
 # TINY_LANGUAGE_MODEL: head_dim 16 -> 8 rotary frequencies split over (temporal, height, width).
 _COMMON: dict[str, Any] = {
     "max_image_pixels": 336 * 336,
+    # A video frame is at most 112 x 112 px: a 4 x 4 grid of merged tokens per temporal patch
+    # (two frames), so that a 4-frame clip is 32 visual tokens.
+    "max_video_pixels": 112 * 112,
     "vision_hidden_size": 32,
     "vision_depth": 2,
     "vision_num_heads": 4,
@@ -99,35 +106,6 @@ def _tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-class _ImageOnlyProcessorMixin:
-    """Drops ``video_processor`` from a Qwen-VL processor's sub-processors (every ``transformers``
-    video processor needs torchvision) and refuses ``videos=``, which the base class would
-    otherwise skip silently for want of a video processor."""
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return [a for a in super().get_attributes() if a != "video_processor"]  # type: ignore[misc]
-
-    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> Any:
-        if videos is not None:
-            raise ValueError(
-                f"{type(self).__name__} handles images only: the Qwen-VL video processor needs torchvision"
-            )
-        return super().__call__(images=images, text=text, **kwargs)  # type: ignore[misc]
-
-
-class Qwen2VLImageProcessor(_ImageOnlyProcessorMixin, transformers.Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images only."""
-
-
-class Qwen2_5_VLImageProcessor(_ImageOnlyProcessorMixin, transformers.Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` for images only."""
-
-
-class Qwen3VLImageProcessor(_ImageOnlyProcessorMixin, transformers.Qwen3VLProcessor):
-    """``Qwen3VLProcessor`` for images only."""
-
-
 def _image_processor(p: dict[str, Any]) -> Any:
     return transformers.Qwen2VLImageProcessorPil(
         size={"shortest_edge": 56 * 56, "longest_edge": p["max_image_pixels"]},
@@ -135,6 +113,20 @@ def _image_processor(p: dict[str, Any]) -> Any:
         temporal_patch_size=2,
         merge_size=2,
     )
+
+
+def _video_processor(p: dict[str, Any], image_processor: Any) -> TinyQwenVideoProcessor:
+    """Frames up to ``max_video_pixels`` each (the released video processors cap a frame far lower
+    than an image too), normalised as the images are."""
+    return TinyQwenVideoProcessor(patch_size=p["patch_size"], temporal_patch_size=2, merge_size=2,
+                                  image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+                                  min_pixels=(2 * p["patch_size"]) ** 2, max_pixels=p["max_video_pixels"])
+
+
+def _processor(cls: type, p: dict[str, Any], tokenizer: Any, template: str) -> Any:
+    images = _image_processor(p)
+    return with_tiny_video_processor(cls)(image_processor=images, tokenizer=tokenizer, video_processor=_video_processor(p, images),
+               chat_template=template)
 
 
 def _text_kwargs(tokenizer: transformers.PreTrainedTokenizerFast, p: dict[str, Any]) -> dict[str, Any]:
@@ -191,8 +183,7 @@ def _build_qwen2_vl(
     )
     config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **_special_ids(tokenizer))
     model = _finish(transformers.Qwen2VLForConditionalGeneration, config, attn_implementation)
-    processor = Qwen2VLImageProcessor(image_processor=_image_processor(p), tokenizer=tokenizer,
-                                      chat_template=_QWEN2_CHAT_TEMPLATE)
+    processor = _processor(transformers.Qwen2VLProcessor, p, tokenizer, _QWEN2_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -213,8 +204,7 @@ def _build_qwen2_5_vl(
     )
     config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_special_ids(tokenizer))
     model = _finish(transformers.Qwen2_5_VLForConditionalGeneration, config, attn_implementation)
-    processor = Qwen2_5_VLImageProcessor(image_processor=_image_processor(p), tokenizer=tokenizer,
-                                         chat_template=_QWEN2_CHAT_TEMPLATE)
+    processor = _processor(transformers.Qwen2_5_VLProcessor, p, tokenizer, _QWEN2_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -238,8 +228,7 @@ def _build_qwen3_vl(
     )
     config = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, **_special_ids(tokenizer))
     model = _finish(transformers.Qwen3VLForConditionalGeneration, config, attn_implementation)
-    processor = Qwen3VLImageProcessor(image_processor=_image_processor(p), tokenizer=tokenizer,
-                                      chat_template=_QWEN3_CHAT_TEMPLATE)
+    processor = _processor(transformers.Qwen3VLProcessor, p, tokenizer, _QWEN3_CHAT_TEMPLATE)
     return model, processor
 
 

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from ._bpe import train_byte_level_bpe
 from ._common import LLAVA_CHAT_TEMPLATE, TINY_LANGUAGE_MODEL, chatml_template
 from ._tiny_qwen import QWEN_CORPUS
+from ._video import TinyFramesVideoProcessor, with_tiny_video_processor
 
 __all__ = ["TILED_BUILDERS"]
 
@@ -111,7 +112,7 @@ _INTERNVL_SPECIAL_TOKENS = (
 
 # OpenGVLab/InternVL3-*-hf style (Qwen2.5 chat format, one <IMG_CONTEXT> per image, which the
 # processor expands to <img> + 256 x tiles context tokens + </img>).
-_INTERNVL_CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>\n", default_system=True)
+_INTERNVL_CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>\n", default_system=True, video="<video>\n")
 
 
 def _internvl_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -124,20 +125,6 @@ def _internvl_tokenizer() -> transformers.PreTrainedTokenizerFast:
         },
         padding_side="left",
     )
-
-
-class InternVLImageProcessor(transformers.InternVLProcessor):
-    """``InternVLProcessor`` for images only: every ``transformers`` video processor needs
-    torchvision, so this one has none and refuses ``videos=`` instead of skipping them."""
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return [a for a in super().get_attributes() if a != "video_processor"]
-
-    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> Any:
-        if videos is not None:
-            raise ValueError(f"{type(self).__name__} handles images only: the video processor needs torchvision")
-        return super().__call__(images=images, text=text, **kwargs)
 
 
 def _build_internvl(
@@ -175,9 +162,11 @@ def _build_internvl(
         size={"height": p["image_size"], "width": p["image_size"]},
         crop_to_patches=True, min_patches=1, max_patches=p["max_tiles"],
     )
-    processor = InternVLImageProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_tile,
-        chat_template=_INTERNVL_CHAT_TEMPLATE,
+    videos = TinyFramesVideoProcessor(size=p["image_size"], image_mean=image_processor.image_mean,
+                                      image_std=image_processor.image_std)
+    processor = with_tiny_video_processor(transformers.InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=videos,
+        image_seq_length=tokens_per_tile, chat_template=_INTERNVL_CHAT_TEMPLATE,
     )
     return model, processor
 
