@@ -14,7 +14,7 @@ lmms-eval route to those).
   there, left or right, top or bottom; each item lists the asked object's visual tokens
   (``target_tokens``, what an object-patch oracle keeps).
 * :func:`load_proxy` in detail: the shipped stock ``LlavaForConditionalGeneration`` (CLIP tower, MLP
-  projector, Llama; about 0.63M parameters) and its ``LlavaProcessor``, answering in one word
+  projector, Llama; about 0.78M parameters) and its ``LlavaProcessor``, answering in one word
   through ``generate``.
 * ``python -m tokred.eval.proxy.train --out DIR``: the deterministic recipe that produced the
   shipped weights (one CPU thread).
