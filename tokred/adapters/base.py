@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Adapter", "ImageSpan", "VisionProbes", "capture_projector_inputs", "cls_attention_rows", "encoder_layer_of", "key_rows",
-    "order_spans", "split_image_tokens",
+    "order_spans", "split_image_tokens", "stacked_video_frames",
     "split_runs",
 ]
 
@@ -468,3 +468,20 @@ def encoder_layer_of(feature_layer: int | Sequence[int], num_layers: int) -> int
         feature_layer = max(feature_layer, key=lambda i: i % (num_layers + 1))
     hidden_index = feature_layer % (num_layers + 1)
     return hidden_index - 1 if hidden_index >= 1 else None
+
+
+def stacked_video_frames(inputs: Mapping[str, Any], per_frame: int) -> list[int] | None:
+    """Frames of every video in encoder order, for models whose processor stacks the clips of a call
+    (LLaVA-OneVision, LLaVA-NeXT-Video): from ``pixel_values_videos`` ``[videos, F, ...]``, or from the
+    video features ``generate`` computed (``[videos, F * per_frame (+ 1), D]``; ``per_frame`` tokens a
+    frame); ``None`` without videos. LLaVA-OneVision 5.23+ appends the video's newline token to these
+    features, earlier releases in the forward: either way a whole number of frames and at most one
+    token more, so the floor division is exact."""
+    pixels = inputs.get(Keyword.PIXEL_VALUES_VIDEOS)
+    if pixels is not None:
+        return [int(pixels.shape[1])] * int(pixels.shape[0])
+    encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_VIDEO)
+    features = getattr(encoded, "pooler_output", None)
+    if features is None:
+        return None
+    return [(f.numel() // int(f.shape[-1])) // per_frame for f in features]  # tokens, whatever the nesting

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..compat import Keyword
 from ..errors import RuntimeStateError
 from ..tokens import ImageLayout
-from .base import ImageSpan, VisionProbes, order_spans, split_image_tokens
+from .base import ImageSpan, VisionProbes, order_spans, split_image_tokens, stacked_video_frames
 from .llava_next import LlavaNextAdapter
 
 if TYPE_CHECKING:
@@ -89,18 +88,6 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         self._pooled = q
         return q
 
-    def _video_frames(self, inputs: Mapping[str, Any], per_frame: int) -> list[int] | None:
-        """Frames of every video in encoder order, from ``pixel_values_videos`` ``[videos, F, ...]``
-        or from the features ``generate`` computed (``[videos, F * q * q, D]``); ``None`` without videos."""
-        pixels = inputs.get(Keyword.PIXEL_VALUES_VIDEOS)
-        if pixels is not None:
-            return [int(pixels.shape[1])] * int(pixels.shape[0])
-        encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_VIDEO)
-        features = getattr(encoded, "pooler_output", None)
-        if features is None:
-            return None
-        return [(f.numel() // int(f.shape[-1])) // per_frame for f in features]  # tokens, whatever the nesting
-
     # ------------------------------------------------------------------- spans
 
     def image_spans(self, input_ids: torch.Tensor, probes: VisionProbes, inputs: Mapping[str, Any]) -> list[ImageSpan]:
@@ -112,7 +99,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         spans, image_rows = self._image_spans(input_ids, inputs)
         video_token = self.video_token_id()
         q = self._pooled_side()
-        frames = self._video_frames(inputs, q * q)
+        frames = stacked_video_frames(inputs, q * q)
         if frames is not None and video_token is not None:
             first_cell = image_rows * self._grid_side() ** 2
             chunks = split_image_tokens(input_ids, video_token, [f * q * q for f in frames])

@@ -44,7 +44,7 @@ from .. import compat
 from ..compat import Keyword
 from ..errors import OptionsError, RuntimeStateError
 from ..tokens import ImageLayout
-from .base import Adapter, ImageSpan, VisionProbes, order_spans, split_image_tokens
+from .base import Adapter, ImageSpan, VisionProbes, order_spans, split_image_tokens, stacked_video_frames
 
 if TYPE_CHECKING:
     import torch
@@ -179,20 +179,6 @@ class LlavaOnevisionAdapter(Adapter):
             layouts.append(onevision_image_layout(side, (rows, body.shape[0] // rows - 1)))
         return layouts
 
-    def _video_frames(self, inputs: Mapping[str, Any], per_frame: int) -> list[int] | None:
-        """Frames of every video, in encoder order: from ``pixel_values_videos`` ``[videos, F, ...]`` or
-        from the features ``generate`` computed (``[videos, F * q * q + 1, D]``, 5.23+); ``None`` without videos."""
-        pixels = inputs.get(Keyword.PIXEL_VALUES_VIDEOS)
-        if pixels is not None:
-            return [int(pixels.shape[1])] * int(pixels.shape[0])
-        encoded = (inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(Keyword.ENCODER_OUTPUTS_VIDEO)
-        features = getattr(encoded, "pooler_output", None)
-        if features is None:
-            return None
-        # 5.23+ append the video's newline to these features, earlier releases in the forward: either way
-        # a whole number of frames and at most one token more.
-        return [(f.numel() // int(f.shape[-1])) // per_frame for f in features]  # tokens, whatever the nesting
-
     # ------------------------------------------------------------------- spans
 
     def _candidates(self, layout: ImageLayout, positions: torch.Tensor) -> tuple[ImageLayout, torch.Tensor]:
@@ -216,7 +202,7 @@ class LlavaOnevisionAdapter(Adapter):
                 spans.append(ImageSpan(row, 0, positions, layout, encoder_index))
         video_token = self.video_token_id()
         per_frame = self._pooled_cells()
-        frames = self._video_frames(inputs, per_frame)
+        frames = stacked_video_frames(inputs, per_frame)
         if frames is not None and video_token is not None:
             q = math.isqrt(per_frame)  # the tower's input is square, and so is its pooled grid
             chunks = split_image_tokens(input_ids, video_token, [f * per_frame + 1 for f in frames])

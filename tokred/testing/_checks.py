@@ -51,7 +51,10 @@ __all__ = ["ConformanceError", "CHECKS", "Refusal", "check_method", "conformance
            "tiny_inputs", "tiny_video_inputs"]
 
 _ATOL = 1e-5
-_BATCH_ATOL = 1e-4  # padding changes summation order inside the kernels
+# Padding changes the summation order inside the kernels. Measured on the tiny models: up to 3e-5 for
+# most methods, 1.1e-4 for cdpruner on llava_onevision (same kept tokens, logits up to 5.8 in size);
+# a batch-dependent selection is caught before the logits, by the kept indices and the generated tokens.
+_BATCH_ATOL = 2e-4
 
 
 class ConformanceError(AssertionError):

@@ -45,12 +45,10 @@ _LLAVA_NEXT_DEFAULTS: dict[str, Any] = {
     "vision_feature_select_strategy": "default",
 }
 
-def _build_llava_next(
-    tokenizer: transformers.PreTrainedTokenizerFast, attn_implementation: str, p: dict[str, Any]
-) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
-    """LLaVA-NeXT: CLIP tower on the thumbnail and every tile -> MLP projector -> unpadded tile grid
-    with a learned newline token after each row -> Llama. Uses the LLaVA tokenizer ``tiny_model``
-    passes (llava-v1.6-vicuna shares LLaVA-1.5's)."""
+
+def clip_llama_configs(p: dict[str, Any], tokenizer: Any) -> tuple[transformers.CLIPVisionConfig, transformers.LlamaConfig]:
+    """The CLIP tower and Llama language model of the tiny LLaVA-NeXT and LLaVA-NeXT-Video, from the
+    family's parameters ``p`` and its tokenizer (vocabulary size and special-token ids)."""
     vision = transformers.CLIPVisionConfig(
         image_size=p["image_size"], patch_size=p["patch_size"], hidden_size=p["vision_hidden_size"],
         num_hidden_layers=p["vision_num_hidden_layers"], num_attention_heads=p["vision_num_attention_heads"],
@@ -63,6 +61,15 @@ def _build_llava_next(
         initializer_range=p["initializer_range"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    return vision, text
+
+def _build_llava_next(
+    tokenizer: transformers.PreTrainedTokenizerFast, attn_implementation: str, p: dict[str, Any]
+) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
+    """LLaVA-NeXT: CLIP tower on the thumbnail and every tile -> MLP projector -> unpadded tile grid
+    with a learned newline token after each row -> Llama. Uses the LLaVA tokenizer ``tiny_model``
+    passes (llava-v1.6-vicuna shares LLaVA-1.5's)."""
+    vision, text = clip_llama_configs(p, tokenizer)
     pinpoints = [list(pair) for pair in p["image_grid_pinpoints"]]
     strategy = p["vision_feature_select_strategy"]
     config = transformers.LlavaNextConfig(

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from ._bpe import train_byte_level_bpe
 from ._common import LLAVA_CORPUS, TINY_LANGUAGE_MODEL, chatml_template
 from ._tiny_qwen import QWEN_CORPUS
+from ._tiny_tiled import clip_llama_configs
 from ._video import TinyFramesVideoProcessor, with_tiny_video_processor
 
 __all__ = ["VIDEO_MODEL_BUILDERS", "LLAVA_VIDEO_CHAT_TEMPLATE"]
@@ -166,18 +167,7 @@ def _build_llava_next_video(
     tile grid with newlines) and, for videos, each frame's CLIP grid pooled by the vision resampler
     -> MLP projector -> Llama."""
     tokenizer = _next_video_tokenizer()
-    vision = transformers.CLIPVisionConfig(
-        image_size=p["image_size"], patch_size=p["patch_size"], hidden_size=p["vision_hidden_size"],
-        num_hidden_layers=p["vision_num_hidden_layers"], num_attention_heads=p["vision_num_attention_heads"],
-        intermediate_size=p["vision_intermediate_size"], initializer_range=p["initializer_range"],
-    )
-    text = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=p["hidden_size"], num_hidden_layers=p["num_hidden_layers"],
-        num_attention_heads=p["num_attention_heads"], num_key_value_heads=p["num_key_value_heads"],
-        intermediate_size=p["intermediate_size"], max_position_embeddings=p["max_position_embeddings"],
-        initializer_range=p["initializer_range"], bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    vision, text = clip_llama_configs(p, tokenizer)
     pinpoints = [list(pair) for pair in p["image_grid_pinpoints"]]
     side = p["image_size"] // p["patch_size"]
     per_frame = (side // p["spatial_pool_stride"]) ** 2

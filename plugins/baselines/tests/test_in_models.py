@@ -34,11 +34,11 @@ def _layer_inputs(model: Any, inputs: dict, layer: int) -> dict[str, Any]:
 
 
 def test_refused_exactly_where_documented() -> None:
-    """VisionZip needs a vision [CLS] token (Qwen-VL's towers have none); every other baseline runs
-    on every family."""
+    """VisionZip needs a vision [CLS] token (Qwen-VL's and LLaVA-OneVision's SigLIP towers have none);
+    every other baseline runs on every family."""
     refused = {name: sorted(case.family for case in conformance_cases(name, attn_implementations=["sdpa"])
                             if case.refusal() is not None) for name in METHODS}
-    assert refused == {name: (["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] if name == "visionzip" else []) for name in METHODS}
+    assert refused == {name: (["llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"] if name == "visionzip" else []) for name in METHODS}
 
 
 def test_pdrop_gate_keeps_the_top_tokens_of_the_authors_score() -> None:

@@ -48,8 +48,8 @@ Choices neither the paper nor the code fixes (**ours**):
   rule, alike their features); the code supports CLIP only.
 
 Families: the selector needs the [CLS] attention, the vision keys and the pre-projector features
-(:meth:`VisionZipSelector.required_inputs`), so ``tokred.apply`` refuses it on Qwen2/2.5/3-VL,
-whose vision towers have no [CLS] token, with a :class:`~tokred.ScheduleError` naming the missing
+(:meth:`VisionZipSelector.required_inputs`), so ``tokred.apply`` refuses it on Qwen2/2.5/3-VL
+and LLaVA-OneVision, whose vision towers (Qwen's ViT, SigLIP) have no [CLS] token, with a :class:`~tokred.ScheduleError` naming the missing
 inputs.
 
 Cost: ``O(N log N)`` for the dominant top-k and ``O(M c D_k)`` for the assignment, plus one

@@ -40,7 +40,7 @@ from ._probes import Probes, capture
 from ._processing import ImageRun, TokredInfoMixin, TokredProcessorMixin
 from .checkpoints import CLIP_TOWER_PARTS
 
-__all__ = ["TokredLlavaForConditionalGeneration", "FLAT_TOWER", "cls_probe_target"]
+__all__ = ["TokredLlavaForConditionalGeneration", "LlavaLineMixin", "FLAT_TOWER", "cls_probe_target"]
 
 
 class TokredLlavaProcessingInfo(TokredInfoMixin, LlavaProcessingInfo):
@@ -84,13 +84,30 @@ def cls_probe_target(vision_tower: Any, vision_config: Any) -> tuple[Any, int] |
     return vision_tower.vision_model.encoder.layers[-1].self_attn.attn, int(vision_config.num_attention_heads)
 
 
+class LlavaLineMixin:
+    """What tokred's LLaVA-1.5 and LLaVA-NeXT models share: placeholder cells on one line, and a 1-D
+    RoPE language model that runs on M-RoPE rows. With ``positions="original"`` the engine gets
+    ``mrope_section=[1, 1, 1]`` (:func:`~tokred.integrations.vllm.engine_args`), so vLLM hands the model
+    three equal position rows, which carry the kept tokens' original positions; the model reads one."""
+
+    supports_mrope = True  # used only where hf_overrides adds "mrope_section" (positions="original")
+
+    def _tokred_cells(self, feature: Any) -> torch.Tensor:
+        return line_cells(feature_run(feature))
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: Any = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> Any:
+        if positions.dim() == 2:  # tokred's M-RoPE layout: three equal rows; the 1-D RoPE model reads one
+            positions = positions[0]
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # type: ignore[misc]
+
+
 @MULTIMODAL_REGISTRY.register_processor(_processor, info=_info, dummy_inputs=LlavaDummyInputsBuilder)
-class TokredLlavaForConditionalGeneration(TokredModelMixin, LlavaForConditionalGeneration):
+class TokredLlavaForConditionalGeneration(LlavaLineMixin, TokredModelMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA with stage I of the tokred config; the stock model where none is chosen."""
 
     tokred_family = "llava"
     hf_to_vllm_mapper = FLAT_TOWER | LlavaForConditionalGeneration.hf_to_vllm_mapper
-    supports_mrope = True  # used only where hf_overrides adds "mrope_section" (positions="original")
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -126,12 +143,3 @@ class TokredLlavaForConditionalGeneration(TokredModelMixin, LlavaForConditionalG
             ))
             row += n
         return images
-
-    def _tokred_cells(self, feature: Any) -> torch.Tensor:
-        return line_cells(feature_run(feature))
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: Any = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> Any:
-        if positions.dim() == 2:  # tokred's M-RoPE layout: three equal rows; the 1-D RoPE model reads one
-            positions = positions[0]
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)

@@ -29,11 +29,10 @@ from ... import compat
 from ...adapters.llava_next import anyres_layout
 from ...tokens import ImageLayout
 from ._compat import MULTIMODAL_REGISTRY
-from ._model import EncodedImage, TokredModelMixin, feature_run
-from ._positions import line_cells
+from ._model import EncodedImage, TokredModelMixin
 from ._probes import Probes, capture
 from ._processing import ImageRun, TokredInfoMixin, TokredProcessorMixin
-from .llava import FLAT_TOWER, cls_probe_target
+from .llava import FLAT_TOWER, LlavaLineMixin, cls_probe_target
 
 __all__ = ["TokredLlavaNextForConditionalGeneration", "image_layout"]
 
@@ -77,12 +76,11 @@ class TokredLlavaNextMultiModalProcessor(TokredProcessorMixin, LlavaNextMultiMod
 @MULTIMODAL_REGISTRY.register_processor(
     TokredLlavaNextMultiModalProcessor, info=TokredLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class TokredLlavaNextForConditionalGeneration(TokredModelMixin, LlavaNextForConditionalGeneration):
+class TokredLlavaNextForConditionalGeneration(LlavaLineMixin, TokredModelMixin, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with stage I of the tokred config; the stock model where none is chosen."""
 
     tokred_family = "llava_next"
     hf_to_vllm_mapper = FLAT_TOWER | LlavaNextForConditionalGeneration.hf_to_vllm_mapper
-    supports_mrope = True  # used only where hf_overrides adds "mrope_section" (positions="original")
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -117,12 +115,3 @@ class TokredLlavaNextForConditionalGeneration(TokredModelMixin, LlavaNextForCond
             images.append(EncodedImage(run=run, layout=layout, candidates=candidates, cls_attention=cls, pre_projector=pre))
             first += count
         return images
-
-    def _tokred_cells(self, feature: Any) -> torch.Tensor:
-        return line_cells(feature_run(feature))
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: Any = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> Any:
-        if positions.dim() == 2:  # tokred's M-RoPE layout: three equal rows; the 1-D RoPE model reads one
-            positions = positions[0]
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
