@@ -202,7 +202,7 @@ def test_every_command_has_help(command: str, expected: str, capsys: pytest.Capt
 
 def test_demo_lists_every_registered_method_and_the_unreduced_model(capsys: pytest.CaptureFixture[str]) -> None:
     registry = _installed_registry()
-    assert main(["demo", "--repeats", "1"], registry=registry) == 0
+    assert main(["demo", "--family", "llava", "--repeats", "1"], registry=registry) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
@@ -246,7 +246,7 @@ def test_demo_uses_defaults_for_methods_without_keep_ratio_and_reports_failures(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     registry = _installed_registry(plugins=(_DemoPlugin(),))
-    assert main(["demo", "--repeats", "1", "--methods", "[bfr]*", "--json"], registry=registry) == 1
+    assert main(["demo", "--family", "llava", "--repeats", "1", "--methods", "[bfr]*", "--json"], registry=registry) == 1
     rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
     assert {"unreduced", "beyond", "fixed_keep", "fastv", "random"} <= set(rows)
     assert rows["unreduced"]["prefill_time_ratio"] == 1.0
@@ -278,7 +278,7 @@ def test_demo_rejects_a_pattern_matching_no_method(capsys: pytest.CaptureFixture
 def test_demo_rejects_an_unknown_family_naming_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--family", "llava3"], registry=_installed_registry()) == 2
     err = capsys.readouterr().err
-    assert "unknown family 'llava3'" in err and "llava_next" in err and "internvl" in err
+    assert "unknown family 'llava3'" in err and "llava_next" in err and "internvl" in err and "'proxy'" in err
 
 
 def test_the_cli_starts_without_importing_transformers() -> None:

@@ -1,6 +1,7 @@
-"""Size presets: random-weight models of realistic shape, built offline for benchmarks and pictures.
+"""Size presets: random-weight models of realistic shape, built offline for benchmarks and pictures,
+and the trained SYNTHETIC PROXY.
 
-A preset is :func:`tokred.testing.tiny_model` with dimension overrides: the real ``transformers``
+A size preset is :func:`tokred.testing.tiny_model` with dimension overrides: the real ``transformers``
 classes and processor, random weights, nothing downloaded. Timings of a random-weight model are
 representative of a trained one of the same shape (the amount of work does not depend on the
 values); the generated text is meaningless.
@@ -11,10 +12,18 @@ Every preset keeps the tiny tokenizer (a byte-level BPE of about 400 tokens), so
 layers) but not its 49,152 x 576 embedding (28M parameters). Prefill is barely affected (``generate``
 computes the logits of the last position only); each decoding step is about 20% cheaper than with
 the real vocabulary.
+
+The ``proxy`` preset is different: the shipped, trained SYNTHETIC PROXY of :mod:`tokred.eval.proxy`
+(its weights are package data), whose answers depend on the image, with its own task
+(:func:`tokred.eval.proxy.proxy_task`), so that ``tokred eval --preset proxy`` needs no ``--task``.
+Its figures rank methods on that synthetic task only; they are not the papers' benchmarks.
+
+This module imports neither torch nor the modules a preset loads (``tokred --help`` reads it).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,18 +31,25 @@ if TYPE_CHECKING:
     import transformers
     from PIL import Image
 
+    from ..eval import Task
+
 __all__ = ["Preset", "PRESETS", "build_preset"]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named random-weight model: a ``tiny_model`` family and its dimension overrides.
+    """A named model built offline: a ``tiny_model`` family and its dimension overrides (random
+    weights), or a ``loader`` of shipped trained weights.
 
     Attributes:
         name: what ``--preset`` takes.
-        family: the ``tiny_model`` family.
+        family: the ``tiny_model`` family (``""`` when ``loader`` is given).
         overrides: keyword overrides of the family's default dimensions.
         description: one line for ``--help`` and the benchmark page.
+        loader: ``"module:function"``, a function ``(attn_implementation=...) -> (model, processor)``
+            that loads trained weights; ``None`` for a random-weight ``tiny_model``.
+        task: ``"module:function"``, a function ``() -> tokred.eval.Task``: the task the model was
+            trained for, used by ``tokred eval`` when no ``--task`` is given; ``None`` for none.
         video_frames: for a video preset, the frames of the synthetic clip its prompt holds
             (:meth:`video_prompt`), else ``None``.
         frame_size: ``(width, height)`` of the clip's frames.
@@ -43,14 +59,27 @@ class Preset:
     family: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    loader: str | None = None
+    task: str | None = None
     video_frames: int | None = None
     frame_size: tuple[int, int] = (336, 336)
 
+    @property
+    def trained(self) -> bool:
+        """Whether the preset has trained weights (its answers mean something)."""
+        return self.loader is not None
+
     def build(self, attn_implementation: str = "sdpa") -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
         """``(model, processor)``; the model is float32, in eval mode, on the CPU."""
+        if self.loader is not None:
+            return _resolve(self.loader)(attn_implementation=attn_implementation)
         from ..testing import tiny_model
 
         return tiny_model(self.family, attn_implementation=attn_implementation, **self.overrides)
+
+    def build_task(self) -> Task | None:
+        """The preset's own task, or ``None`` when it has none."""
+        return None if self.task is None else _resolve(self.task)()
 
     def video_prompt(self, processor: Any, prompt: str) -> tuple[Any, list[Image.Image]]:
         """For a video preset: the processor's inputs (a ``BatchFeature``) of one user turn holding
@@ -69,6 +98,12 @@ class Preset:
         inputs = processor(text=[text], videos=[clip], return_tensors="pt")
         inputs.pop("video_metadata", None)
         return inputs, clip
+
+
+def _resolve(target: str) -> Any:
+    """``"package.module:function"`` -> the function (imported now, not when presets are listed)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # SmolLM-135M's decoder shape (HuggingFaceTB/SmolLM-135M config.json).
@@ -91,7 +126,7 @@ _SMALL_CLIP = {
     "vision_intermediate_size": 1024,
 }
 
-#: Named random-weight models ``tokred bench --preset`` can build without a download, by name.
+#: Named models ``--preset`` builds without a download: random-weight sizes, and the trained proxy.
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -140,6 +175,13 @@ PRESETS: dict[str, Preset] = {
             "2,880 visual tokens + 48 newlines) with llava-135m's CLIP tower and SmolLM-135M's decoder; random weights",
             {**_SMOLLM_135M, **_SMALL_CLIP, "initializer_range": 0.02, "image_size": 336,
              "image_grid_pinpoints": ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))},
+        ),
+        Preset(
+            "proxy", "",
+            "TRAINED SYNTHETIC PROXY (tokred.eval.proxy, shipped weights): stock LLaVA, CLIP 64 wide x 2 layers, "
+            "Llama 128 wide x 4, 256 visual tokens, trained on procedural cluttered scenes; brings its own task "
+            "(tokred eval needs no --task); ranks methods on that task only, not the papers' benchmarks",
+            loader="tokred.eval.proxy:load_proxy", task="tokred.eval.proxy:proxy_task",
         ),
     )
 }

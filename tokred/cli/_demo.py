@@ -1,4 +1,10 @@
-"""``tokred demo``: every registered method on a tiny offline model, against the unreduced model."""
+"""``tokred demo``: every registered method on a tiny offline model, against the unreduced model.
+
+By default the model is the trained SYNTHETIC PROXY (:mod:`tokred.eval.proxy`): each row also shows
+the answer to one held-out question and the accuracy on a few held-out items, next to the token
+accounting and prefill time. ``--family`` picks a random-weight tiny model instead (answers
+meaningless). The proxy's figures rank methods on its synthetic task only, not the papers'
+benchmarks."""
 
 from __future__ import annotations
 
@@ -20,28 +26,39 @@ if TYPE_CHECKING:
 __all__ = ["add_parser", "handle"]
 
 _NEW_TOKENS = 8
+#: The ``--family`` of the trained synthetic proxy (the default).
+PROXY = "proxy"
+#: Held-out proxy items each row's accuracy is measured on by default (8 per question type): enough
+#: to separate a method that finds the asked object from one that does not, fast enough for CI.
+_DEMO_ITEMS = 32
 
 
 def add_parser(commands: Any) -> None:
     p = add_command(
         commands, "demo", help="compare every method on a tiny offline model (no download)",
         description=(
-            "Build a tiny random-weight model of a supported family (nothing is downloaded) and\n"
-            "compare the unreduced model with every registered method matching --methods, each\n"
-            "created with keep_ratio=--keep-ratio (a method that rejects keep_ratio runs with its\n"
-            "defaults, and the table says so). For each: visual tokens in, entering the language\n"
-            "model, at its last layer, the layer-averaged equivalent, the median prefill time\n"
-            "relative to the unreduced model (runs interleaved so machine noise hits all alike),\n"
-            "and the first tokens of a greedy generation. The weights are random, so the text is\n"
-            "meaningless; timings on a tiny model only indicate the overhead."
+            "Load a tiny offline model (nothing is downloaded) and compare the unreduced model with\n"
+            "every registered method matching --methods, each created with keep_ratio=--keep-ratio\n"
+            "(a method that rejects keep_ratio runs with its defaults, and the table says so). For\n"
+            "each: visual tokens in, entering the language model, at its last layer, the\n"
+            "layer-averaged equivalent, the median prefill time relative to the unreduced model\n"
+            "(runs interleaved so machine noise hits all alike), and the first tokens of a greedy\n"
+            "generation. The default model is the trained SYNTHETIC PROXY (tokred.eval.proxy): the\n"
+            "answer is to a held-out question about a generated scene, and each row adds the\n"
+            "accuracy on --items held-out items; it ranks methods on that synthetic task only, not\n"
+            "on the papers' benchmarks. Any other --family is a random-weight tiny model, whose text\n"
+            "is meaningless. Timings on a tiny model only indicate the overhead."
         ),
         epilog=(
             "examples:\n  tokred demo\n  tokred demo --methods 'fast*' --keep-ratio 0.25 --repeats 9\n"
-            "  tokred demo --methods random,todre --family llava_next\n  tokred demo --json"
+            "  tokred demo --methods random,todre --family llava_next\n  tokred demo --items 128 --json"
         ),
     )
-    p.add_argument("--family", default="llava", metavar="FAMILY",
-                   help="tiny model family, one of tokred.testing.FAMILIES (default: llava)")
+    p.add_argument("--family", default=PROXY, metavar="FAMILY",
+                   help="proxy (the trained synthetic proxy, default) or a random-weight tiny model family, one of "
+                        "tokred.testing.FAMILIES")
+    p.add_argument("--items", type=positive_int, default=_DEMO_ITEMS, metavar="N",
+                   help=f"held-out proxy items the accuracy column is measured on (proxy only; default: {_DEMO_ITEMS})")
     p.add_argument("--keep-ratio", type=number, default=0.1, metavar="R",
                    help="per-image budget every method is created with (default: 0.1)")
     p.add_argument("--methods", action=ListAction, default=["*"], metavar="NAME",
@@ -67,6 +84,8 @@ class _Contender:
     last_layer: int | None = None
     equivalent: float | None = None
     text: str | None = None
+    accuracy: float | None = None
+    agreement: float | None = None
     error: str | None = None
     seconds: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
@@ -77,7 +96,7 @@ class _Contender:
             "entering_llm": self.layer0, "last_layer": self.last_layer,
             "equivalent_visual_tokens": self.equivalent,
             "prefill_time_ratio": statistics.median(self.ratios) if self.ratios else None,
-            "generated_text": self.text, "error": self.error,
+            "generated_text": self.text, "accuracy": self.accuracy, "agreement": self.agreement, "error": self.error,
         }
 
 
@@ -95,11 +114,21 @@ def _methods(registry: Registry, patterns: list[str]) -> list[str]:
 def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     from ..testing import FAMILIES, make_image, tiny_model  # imports transformers: only when a command needs it
 
-    if args.family not in FAMILIES:
-        raise CommandError(f"unknown family {args.family!r}; tiny models exist for: {', '.join(FAMILIES)}")
+    if args.family != PROXY and args.family not in FAMILIES:
+        raise CommandError(f"unknown family {args.family!r}; the trained synthetic proxy is {PROXY!r} and tiny "
+                           f"random-weight models exist for: {', '.join(FAMILIES)}")
     names = _methods(registry, args.methods)
-    model, processor = tiny_model(args.family, attn_implementation=args.attn_implementation)
-    inputs = prompt_inputs(processor, [make_image()], DEMO_PROMPT)
+    task = None
+    if args.family == PROXY:
+        from ..eval.proxy import load_proxy, proxy_task
+
+        model, processor = load_proxy(attn_implementation=args.attn_implementation)
+        task = proxy_task("test", args.items)
+        first = task.items[0]
+        inputs = prompt_inputs(processor, first.open_images(), first.question)
+    else:
+        model, processor = tiny_model(args.family, attn_implementation=args.attn_implementation)
+        inputs = prompt_inputs(processor, [make_image()], DEMO_PROMPT)
     num_visual = registry.adapter_for(model).count_visual_tokens(inputs)
 
     contenders = [_Contender("unreduced", None, "all", num_visual, num_visual, num_visual, float(num_visual))]
@@ -117,27 +146,62 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
                 c.seconds.append(_time_prefill(model, inputs, c.method, registry))
             for c in timed:
                 c.ratios.append(c.seconds[-1] / contenders[0].seconds[-1])
+    if task is not None:
+        _measure_accuracy(model, processor, task, contenders, registry, output)
 
     layers = model.config.get_text_config().num_hidden_layers
-    note = ("The weights are random, so the generated text is meaningless; timings on a tiny model only "
-            "indicate the overhead, not the speed-up on a full-size model.")
-    if args.json:
-        output.json({
-            "family": args.family, "keep_ratio": args.keep_ratio, "repeats": args.repeats,
-            "num_layers": layers, "note": note, "rows": [c.row() for c in contenders],
-        })
+    if task is None:
+        note = ("The weights are random, so the generated text is meaningless; timings on a tiny model only "
+                "indicate the overhead, not the speed-up on a full-size model.")
     else:
-        output.print(f"tiny random-weight {args.family} model, {layers} decoder layers, {num_visual} visual tokens; "
-                     f"keep_ratio={args.keep_ratio:g}; prefill time is the median over {args.repeats} interleaved "
-                     "repeat(s) of the ratio to the unreduced model\n")
-        output.print(output.table(
-            ["method", "budget", "visual tokens in", "entering the LLM (layer 0)", "at the last layer",
-             "equivalent tokens", "prefill time", f"first {_NEW_TOKENS} generated tokens"],
-            [_cells(c) for c in contenders],
-            right={2, 3, 4, 5, 6},
-        ))
+        note = ("SYNTHETIC PROXY: accuracy and answers rank methods on this synthetic task only, not the papers' "
+                "benchmarks (tokred eval --preset proxy measures it on more items; docs/evaluation.md); timings on "
+                "a tiny model only indicate the overhead, not the speed-up on a full-size model.")
+    data: dict[str, Any] = {"family": args.family, "keep_ratio": args.keep_ratio, "repeats": args.repeats,
+                            "num_layers": layers, "note": note}
+    if task is not None:
+        first = task.items[0]
+        data.update(question=first.question, answer=first.answer, items=len(task))
+    if args.json:
+        output.json({**data, "rows": [c.row() for c in contenders]})
+    else:
+        if task is None:
+            output.print(f"tiny random-weight {args.family} model, {layers} decoder layers, {num_visual} visual tokens; "
+                         f"keep_ratio={args.keep_ratio:g}; prefill time is the median over {args.repeats} interleaved "
+                         "repeat(s) of the ratio to the unreduced model\n")
+        else:
+            output.print(f"trained SYNTHETIC PROXY (tokred.eval.proxy), {layers} decoder layers, {num_visual} visual "
+                         f"tokens; keep_ratio={args.keep_ratio:g}; the answer is to {first.question!r} about held-out "
+                         f"scene {first.id} (right answer: {first.answer}); accuracy and agreement with the unreduced "
+                         f"answers on {len(task)} held-out items; prefill time is the median over {args.repeats} "
+                         "interleaved repeat(s) of the ratio to the unreduced model\n")
+        headers = ["method", "budget", "visual tokens in", "entering the LLM (layer 0)", "at the last layer",
+                   "equivalent tokens", "prefill time"]
+        headers += ["answer", "accuracy", "agreement"] if task is not None else [f"first {_NEW_TOKENS} generated tokens"]
+        output.print(output.table(headers, [_cells(c, task is not None) for c in contenders],
+                                  right={2, 3, 4, 5, 6, 8, 9}))
         output.print(f"\n{note}")
     return 1 if any(c.error for c in contenders) else 0
+
+
+def _measure_accuracy(model: Any, processor: Any, task: Any, contenders: list[_Contender], registry: Registry,
+                      output: Output) -> None:
+    """Fill each working contender's accuracy and agreement on ``task`` (:func:`tokred.eval.evaluate`,
+    multiple choice by log-likelihood, the same batches for every row)."""
+    from ..eval import evaluate
+
+    working = [c for c in contenders[1:] if c.error is None and c.method is not None]
+    output.note(f"measuring accuracy on {len(task)} held-out proxy items ...")
+    result = evaluate(model, processor, task, [c.method for c in working], registry=registry, timing_rounds=0)
+    reference = result.results[0]
+    contenders[0].accuracy, contenders[0].agreement = reference.accuracy, reference.agreement
+    # One setting per working contender, in order: each has its own name, so none is merged away.
+    assert len(result.results) == 1 + len(working)
+    for c, measured in zip(working, result.results[1:]):
+        if measured.error is not None:
+            c.error = measured.error
+            continue
+        c.accuracy, c.agreement = measured.accuracy, measured.agreement
 
 
 def _create_contender(registry: Registry, name: str, keep_ratio: float) -> _Contender:
@@ -192,9 +256,13 @@ def _time_prefill(model: Any, inputs: Any, method: Method | None, registry: Regi
         return timed(lambda: model(**inputs), model.device)
 
 
-def _cells(c: _Contender) -> list[str]:
+def _cells(c: _Contender, proxy: bool) -> list[str]:
     if c.error is not None:
-        return [c.name, c.budget, "", "", "", "", "", f"failed: {' '.join(c.error.split())}"]
+        return [c.name, c.budget, "", "", "", "", "", f"failed: {' '.join(c.error.split())}"] + (["", ""] if proxy else [])
     ratio = statistics.median(c.ratios)
-    return [c.name, c.budget, str(c.visual_in), str(c.layer0), str(c.last_layer), f"{c.equivalent:.1f}",
-            f"{ratio:.2f}x", repr(c.text)]
+    cells = [c.name, c.budget, str(c.visual_in), str(c.layer0), str(c.last_layer), f"{c.equivalent:.1f}",
+             f"{ratio:.2f}x", repr(c.text)]
+    if proxy:
+        cells += ["" if c.accuracy is None else f"{100 * c.accuracy:.1f}%",
+                  "" if c.agreement is None else f"{100 * c.agreement:.1f}%"]
+    return cells

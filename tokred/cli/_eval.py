@@ -12,6 +12,7 @@ from ._common import CommandError, ListAction, add_command, number, parse_option
 from ._loading import add_model_source, check_options, check_output_file, open_source
 
 if TYPE_CHECKING:
+    from ..eval import Task
     from ..registry import Registry
     from ._output import Output
 
@@ -28,17 +29,24 @@ def add_parser(commands: Any) -> None:
             "unreduced answers, visual tokens kept and the prefill speed-up. Multiple-choice items\n"
             "are scored by the log-likelihood of each choice, or by generation. With --output, every\n"
             "prediction is appended to a JSONL file as its batch finishes, and a second run with the\n"
-            "same file resumes where the first stopped."
+            "same file resumes where the first stopped. --preset proxy (the trained SYNTHETIC PROXY)\n"
+            "brings its own task, so --task may be left out; its figures rank methods on that\n"
+            "synthetic task only, not on the papers' benchmarks."
         ),
         epilog=(
             "examples:\n"
             "  tokred eval --model llava-hf/llava-1.5-7b-hf --task my_task.jsonl --methods todre,fastv \\\n"
             "      --keep-ratio 0.25,0.1 --output predictions.jsonl --plot accuracy.png\n"
+            "  tokred eval --preset proxy --methods '*' --keep-ratio 0.25 0.1 0.05\n"
             "  tokred eval --preset tiny --task my_task.jsonl --methods random --keep 64 --timing-rounds 0 --json"
         ),
     )
     add_model_source(p, required=True)
-    p.add_argument("--task", required=True, type=Path, metavar="FILE", help="the task: a JSONL file, one item per line")
+    p.add_argument("--task", type=Path, metavar="FILE",
+                   help="the task: a JSONL file, one item per line (required except with --preset proxy, "
+                        "which brings its own)")
+    p.add_argument("--items", type=positive_int, metavar="N",
+                   help="only the first N items of the task (default: all; --preset proxy's task has 256)")
     p.add_argument("--methods", action=ListAction, default=["*"], metavar="NAME",
                    help="methods: names or fnmatch patterns, spaces or commas (default: every registered method)")
     budget = p.add_mutually_exclusive_group()
@@ -63,8 +71,26 @@ def add_parser(commands: Any) -> None:
     p.set_defaults(handler=handle)
 
 
+def _task(args: argparse.Namespace) -> Task:
+    """``--task``, or the preset's own task when ``--task`` is not given."""
+    from ..eval import load_task
+
+    if args.task is not None:
+        return load_task(args.task)
+    preset = None
+    if args.preset:
+        from ..bench._presets import PRESETS
+
+        preset = PRESETS.get(args.preset)
+    task = preset.build_task() if preset is not None else None
+    if task is None:
+        raise CommandError("--task FILE is required (only --preset proxy brings its own task); the task format is on "
+                           "docs/evaluation.md")
+    return task
+
+
 def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
-    from ..eval import evaluate, load_task, plot_accuracy
+    from ..eval import evaluate, plot_accuracy
     from ._bench import _matching, _shared_options
 
     for path, flag in ((args.output, "--output"), (args.plot, "--plot"), (args.json_file, "--json-file")):
@@ -78,7 +104,7 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     budgets: list[dict[str, Any]] = ([{"keep_ratio": r} for r in args.keep_ratio] if args.keep_ratio
                                      else [{"keep": k} for k in args.keep] if args.keep else [{}])
     methods = [registry.create(name, **{**options, **budget}) for name in names for budget in budgets]
-    task = load_task(args.task)  # every item and image is checked before the model loads
+    task = _task(args).head(args.items)  # every item and image is checked before the model loads
     source = open_source(args, registry, output)
     model = source.load_model()
     with output.progress(1) as progress:
@@ -97,7 +123,10 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
         output.json(data)
     else:
         output.print(f"task {result.task} ({data['items']} items), model {result.model}, multiple choice by "
-                     f"{result.scoring}, batch size {result.batch_size}\n")
+                     f"{result.scoring}, batch size {result.batch_size}")
+        if result.task_description:
+            output.print(result.task_description)
+        output.print("")
         output.print(output.table(result.HEADERS, result.rows(), right=set(range(1, len(result.HEADERS)))))
         failed = [r for r in result.results if r.error is not None]
         output.print("\nretention: accuracy over the unreduced model's on the same items; agreement: share of "

@@ -92,12 +92,12 @@ def add_model_source(parser: argparse.ArgumentParser, *, required: bool) -> None
     source.add_argument("--model", metavar="PATH_OR_HUB_ID",
                         help="a saved model's directory or a Hugging Face Hub id (owner/name), passed to from_pretrained")
     source.add_argument("--preset", choices=tuple(presets), metavar="NAME",
-                        help=f"a random-weight model built offline, no download: {', '.join(presets)} "
-                             "(see 'presets' below)")
+                        help=f"a model built offline, no download: {', '.join(presets)} (see 'presets' below; "
+                             "all have random weights except proxy, the trained synthetic proxy)")
     width = max(len(name) for name in presets)
     listed = [textwrap.fill(text, 96, initial_indent=f"  {name.ljust(width)}  ", subsequent_indent=" " * (width + 4))
               for name, text in presets.items()]
-    parser.epilog = (parser.epilog or "") + "\n\npresets (random weights, built offline):\n" + "\n".join(listed)
+    parser.epilog = (parser.epilog or "") + "\n\npresets (built offline; random weights except proxy):\n" + "\n".join(listed)
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="weights dtype (default: auto: the checkpoint's own; presets: float32 on cpu, "
                              "bfloat16 on cuda)")

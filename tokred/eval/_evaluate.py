@@ -298,7 +298,9 @@ def _answer_by_likelihood(context: _Context, setting: Setting, items: Sequence[T
         if run is not None:  # the frozen rows replay their prompt's decisions: the first row of each tells its counts
             first_rows = [sum(len(c) for c in continuations[:i]) for i in range(len(items))]
             all_counts = _visual_counts(context, {}, run)
-            counts = [all_counts[row] for row in first_rows]
+            # One-token choices are scored from the prompts' prefill alone (one row per item; every
+            # item has at least two choices, so the two cases cannot be confused).
+            counts = all_counts if len(all_counts) == len(items) else [all_counts[row] for row in first_rows]
         else:
             counts = _visual_counts(context, encode(context.processor, context.model, prompts,
                                                     [im for ims in images for im in ims]), None)

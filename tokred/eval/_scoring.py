@@ -127,7 +127,10 @@ def score_continuations(model: nn.Module, processor: Any, prompts: Sequence[str]
 
     Under a run, one prefill of the prompts decides (stage I and every gate), then every
     continuation row is scored under its prompt's decisions (``Run.frozen(rows=...)``): a gate must
-    not see the continuation it scores, exactly as in generation.
+    not see the continuation it scores, exactly as in generation. When every continuation is one
+    token appended to its prompt's tokens (one-word choices of a word-level vocabulary, "A"/"B"
+    with many tokenizers), that prefill's logits at each prompt's last position already score them
+    all, and no continuation row is run.
     """
     if len(prompts) != len(images) or len(prompts) != len(continuations):
         raise TokredError("prompts, images and continuations must have one entry per prompt")
@@ -146,6 +149,8 @@ def score_continuations(model: nn.Module, processor: Any, prompts: Sequence[str]
     lengths = [len(ids) - common_prefix_length(ids, prompt_ids[row]) for ids, row in zip(row_ids, rows)]
     if any(n < 1 for n in lengths):
         raise TokredError("a continuation adds no token to its prompt; give non-empty continuations")
+    if _one_token_each(row_ids, prompt_ids, rows, lengths):
+        return _one_token_scores(model, prompt_inputs, [ids[-1] for ids in row_ids], rows, continuations, run)
     with torch.no_grad():
         if run is not None:
             model(**prompt_inputs)                                              # the decisions, made on the prompts
@@ -156,6 +161,41 @@ def score_continuations(model: nn.Module, processor: Any, prompts: Sequence[str]
             out = model(**row_inputs)
             positions = None
     flat = _scores(out.logits, positions, row_inputs["input_ids"], lengths)
+    result: list[list[ContinuationScore]] = []
+    start = 0
+    for choices in continuations:
+        result.append(flat[start:start + len(choices)])
+        start += len(choices)
+    return result
+
+
+def _one_token_each(row_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]], rows: Sequence[int],
+                    lengths: Sequence[int]) -> bool:
+    """Whether every continuation row is its prompt's tokens plus exactly one token."""
+    return all(n == 1 and len(ids) == len(prompt_ids[row]) + 1 for ids, row, n in zip(row_ids, rows, lengths))
+
+
+def _one_token_scores(model: nn.Module, prompt_inputs: dict[str, torch.Tensor], tokens: Sequence[int],
+                      rows: Sequence[int], continuations: Sequence[Sequence[str]], run: Run | None
+                      ) -> list[list[ContinuationScore]]:
+    """Scores of continuations that are each one token appended to their prompt's tokens, read from
+    the prompts' own prefill: causal attention makes the logits at a prompt's last position the
+    same whatever follows it, and under a run that prefill is the one that decides, so the
+    continuation rows would compute exactly these logits there (under the same kept tokens).
+
+    ``tokens`` ``[R]``: each continuation row's token; ``rows`` ``[R]``: its prompt."""
+    with torch.no_grad():
+        out = model(**prompt_inputs)
+    length = prompt_inputs["input_ids"].shape[1]
+    positions = run.output_positions if run is not None else None
+    if positions is not None:
+        last = positions[:, -1].cpu()
+        if not torch.all(last == length - 1):
+            raise TokredError(f"the last output positions hold input columns {last.tolist()}, not {length - 1}: the "
+                              "prompt's last token did not survive as expected")
+    log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                  # [P, V]
+    best = log_probs.argmax(dim=-1)
+    flat = [ContinuationScore(float(log_probs[row, token]), bool(best[row] == token), 1) for token, row in zip(tokens, rows)]
     result: list[list[ContinuationScore]] = []
     start = 0
     for choices in continuations:
