@@ -161,10 +161,15 @@ def score_continuations(model: nn.Module, processor: Any, prompts: Sequence[str]
             out = model(**row_inputs)
             positions = None
     flat = _scores(out.logits, positions, row_inputs["input_ids"], lengths)
+    return _grouped(flat, continuations)
+
+
+def _grouped(flat: Sequence[ContinuationScore], continuations: Sequence[Sequence[str]]) -> list[list[ContinuationScore]]:
+    """``flat`` (one score per continuation row, prompt by prompt) regrouped per prompt."""
     result: list[list[ContinuationScore]] = []
     start = 0
     for choices in continuations:
-        result.append(flat[start:start + len(choices)])
+        result.append(list(flat[start:start + len(choices)]))
         start += len(choices)
     return result
 
@@ -196,12 +201,7 @@ def _one_token_scores(model: nn.Module, prompt_inputs: dict[str, torch.Tensor], 
     log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                  # [P, V]
     best = log_probs.argmax(dim=-1)
     flat = [ContinuationScore(float(log_probs[row, token]), bool(best[row] == token), 1) for token, row in zip(tokens, rows)]
-    result: list[list[ContinuationScore]] = []
-    start = 0
-    for choices in continuations:
-        result.append(flat[start:start + len(choices)])
-        start += len(choices)
-    return result
+    return _grouped(flat, continuations)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
