@@ -200,6 +200,14 @@ def test_figures_progress_table_json_and_plot(llava, tmp_path: Path) -> None:  #
     assert (tmp_path / "accuracy.png").stat().st_size > 1000 and image.size == (960, 560)
 
 
+def test_every_registered_method_gets_its_own_colour_and_marker_in_the_plot() -> None:
+    from tokred.eval._plot import series_style
+
+    styles = [series_style(i) for i in range(32)]
+    assert len(set(styles)) == 32                      # twelve methods are registered today, eight colours
+    assert styles[0][0] == styles[8][0] and styles[0][1] != styles[8][1]
+
+
 def test_an_impossible_budget_fails_before_any_item(llava) -> None:  # type: ignore[no-untyped-def]
     model, processor = llava
     calls: list[int] = []

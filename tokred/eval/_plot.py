@@ -19,6 +19,27 @@ from ._evaluate import EvalResult
 
 __all__ = ["plot_accuracy"]
 
+#: Marker shapes, one per round of the colour cycle: with more methods than colours (twelve are
+#: registered, eight colours), two methods share a colour but never a colour and a marker.
+_MARKERS = ("circle", "square", "triangle", "diamond")
+
+
+def series_style(index: int) -> tuple[tuple[int, int, int], str]:
+    """The colour and marker shape of the ``index``-th method (sorted by name): unique for the
+    first ``len(_COLOURS) * len(_MARKERS)`` (32) methods."""
+    return _COLOURS[index % len(_COLOURS)], _MARKERS[(index // len(_COLOURS)) % len(_MARKERS)]
+
+
+def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, shape: str, colour: tuple[int, int, int], r: float = 4.5) -> None:
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r - 1), (x + r + 1, y + r), (x - r - 1, y + r)], fill=colour)
+    else:
+        draw.polygon([(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], fill=colour)
+
 
 def plot_accuracy(result: EvalResult, path: str | Path, title: str | None = None) -> Image.Image:
     """Draw ``result`` to the PNG file ``path``; return the image. Settings that failed are left out."""
@@ -64,13 +85,14 @@ def plot_accuracy(result: EvalResult, path: str | Path, title: str | None = None
 
     legend_y = top
     for i, (method, points) in enumerate(sorted(series.items())):
-        colour = _COLOURS[i % len(_COLOURS)]
+        colour, shape = series_style(i)
         drawn = [px(x, y) for x, y in points]
         if len(drawn) > 1:
             draw.line(drawn, fill=colour, width=2)
         for x, y in drawn:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            _marker(draw, x, y, shape, colour)
         draw.line([(right + 16, legend_y + 8), (right + 44, legend_y + 8)], fill=colour, width=2)
+        _marker(draw, right + 30, legend_y + 8, shape, colour)
         draw.text((right + 52, legend_y + 8), method, fill=_TEXT, font=normal, anchor="lm")
         legend_y += 22
     _dashed(draw, [(right + 16, legend_y + 8), (right + 44, legend_y + 8)], _GREY)
