@@ -168,3 +168,13 @@ def test_one_token_choices_are_scored_from_the_prompt_prefill_as_the_rows_would(
     assert [len(r) for r in fast] == [len(c) for c in choices]
     for a, b in zip(fast, rows):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_recipe_asks_only_the_task_s_question_types() -> None:
+    from tokred.eval.proxy.train import Recipe
+
+    assert Recipe().question_mix.count("presence") == 3        # the type that needs two look-ups
+    with pytest.raises(ValueError, match="question_mix must list question types of colour, presence"):
+        Recipe(question_mix=("colour", "counting"))
+    with pytest.raises(ValueError, match="question_mix"):
+        Recipe(question_mix=())

@@ -8,21 +8,29 @@ disjoint from the held-out splits :func:`tokred.eval.proxy.proxy_task` reads):
 A. **Vision tower** with per-patch auxiliary heads (discarded afterwards): the colour and the shape
    of the object covering the patch (or "none"), the patch's row and column (weighted 3x on object
    patches, so that positions survive into the features), and the patch's mean colour (so that
-   background patches keep informative, varied features, as a real CLIP's do). 400 steps.
+   background patches keep informative, varied features, as a real CLIP's do). 800 steps: at 400,
+   a patch's shape (it sees one quadrant of its object) was right 81% of the time, and the look-up
+   by shape among 256 tokens then found the wrong object often enough to cost the unreduced model
+   several points; at 800, 98% (training batches).
 B0. **Symbolic language-model pretraining** (no image): each object patch is written as the sum of
    the input embeddings of its four words (colour, shape, left/right, top/bottom), background
    patches as noise, at their original positions, in short sequences. The look-up the task needs
    (find the asked shape among several objects, read its colour or side) is learnt here in a few
    hundred steps, where among 256 real tokens it was not learnt in 900. Curriculum: colour
    questions with one token per object first, then every question type, then every object patch.
+   2,000 steps, ``presence`` asked three times as often as each other type (``question_mix``): it
+   needs two look-ups (the asked shape's colour, then a comparison with the named colour), and at
+   1,000 steps with an even mix it stayed at 70% of the training batches while the others were at
+   100%; with this mix it reaches 97%.
 B1. **Projector alignment** (LLaVA's stage 1, word embeddings as targets): the projector alone
    learns to map each object patch's tower feature to its words' embedding sum. 200 steps.
 B2. **Projector + language model** on real scenes, tower frozen: the first steps keep every
    object's patches (asked object and distractors alike) plus a few random others, then every
-   sequence keeps a uniform random subset of its visual tokens (keep rate drawn from 100/50/25/10%,
-   original positions), so reduced inputs are in distribution for every method. The alignment
+   sequence keeps a uniform random subset of its visual tokens (keep rate drawn from 100 (twice as
+   often), 50, 25 and 10%, original positions), so reduced inputs are in distribution for every
+   method. The alignment
    loss stays on, and each step adds a symbolic batch (rehearsal), so the look-up is not unlearnt
-   while the projector is imperfect.
+   while the projector is imperfect. 1,200 steps, the same question mix.
 
 No loss looks at attention: no head is told where the asked object is, and no phase prefers the
 tokens some reduction method would keep (the curriculum keeps every object, not the asked one;
@@ -69,16 +77,16 @@ class Recipe:
 
     seed: int = 0
     pool: int = 4096
-    vision_steps: int = 400
+    vision_steps: int = 800
     vision_batch: int = 32
     vision_lr: float = 1e-2
-    symbolic_steps: int = 1000
+    symbolic_steps: int = 2000
     symbolic_background: int = 24
     symbolic_colour_steps: int = 200
     symbolic_sparse_steps: int = 600
     symbolic_batch: int = 64
     symbolic_first_kinds: tuple[str, ...] = ("colour",)
-    language_steps: int = 900
+    language_steps: int = 1200
     language_batch: int = 32
     language_lr: float = 2e-3
     projector_steps: int = 0
@@ -88,12 +96,25 @@ class Recipe:
     curriculum_colour_steps: int = 0
     curriculum_sparse_steps: int = 0
     projector_lr: float = 2e-3
-    keep_rates: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
+    #: Phase B's keep rates, drawn uniformly per step: 1.0 listed twice, because the unreduced
+    #: sequence (every distractor present) is the hardest input to look the asked object up in;
+    #: with each rate once the unreduced model stayed 1 to 3 points below the oracle at 10%.
+    keep_rates: tuple[float, ...] = (1.0, 1.0, 0.5, 0.25, 0.1)
     align_weight: float = 20.0
     eos_weight: float = 0.1
     position_weight: float = 3.0
     warmup: int = 50
     dimensions: dict[str, int] = field(default_factory=dict)
+    #: The question types symbolic and phase-B batches draw from, uniformly: a type listed n times
+    #: is asked n times as often. ``presence`` is listed three times because it is the one type that
+    #: needs two look-ups (the asked shape's colour, then a comparison with the named colour); asked
+    #: as often as the others it plateaued at 70% of the symbolic training batches.
+    question_mix: tuple[str, ...] = ("colour", "presence", "presence", "presence", "left_right", "top_bottom")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.question_mix) - set(KINDS))
+        if unknown or not self.question_mix:
+            raise ValueError(f"question_mix must list question types of {', '.join(KINDS)}; got {self.question_mix!r}")
 
 
 def train_seed(seed: int, phase: int, step: int, index: int) -> int:
@@ -428,7 +449,7 @@ def train_symbolic(model: transformers.LlavaForConditionalGeneration, processor:
         first = step < recipe.symbolic_colour_steps
         sparse = first or step < recipe.symbolic_sparse_steps
         loss, items, hits = _symbolic_loss(model, processor, pool, labels_all, rng, gen, recipe.symbolic_batch,
-                                           recipe.symbolic_first_kinds if first else KINDS, sparse,
+                                           recipe.symbolic_first_kinds if first else recipe.question_mix, sparse,
                                            recipe.symbolic_background, prompt_cache)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -506,8 +527,8 @@ def train_language(model: transformers.LlavaForConditionalGeneration, processor:
             step - recipe.projector_steps, recipe.language_steps - recipe.projector_steps, recipe.language_lr,
             recipe.warmup))
         early = step < recipe.curriculum_steps
-        kinds = recipe.symbolic_first_kinds if step < recipe.curriculum_colour_steps else KINDS
-        index, items = _questions(pool, rng, recipe.language_batch, kinds if early else KINDS)
+        kinds = recipe.symbolic_first_kinds if step < recipe.curriculum_colour_steps else recipe.question_mix
+        index, items = _questions(pool, rng, recipe.language_batch, kinds if early else recipe.question_mix)
         idx = torch.tensor(index)
         if early:
             rate = "objects"
@@ -534,7 +555,7 @@ def train_language(model: transformers.LlavaForConditionalGeneration, processor:
         loss = l_answer + recipe.eos_weight * l_eos
         if recipe.rehearsal_weight > 0:  # keep the look-up the symbolic phase taught while the projector learns
             l_sym, _, _ = _symbolic_loss(model, processor, pool, labels_all, sym_rng, sym_gen, recipe.symbolic_batch,
-                                         KINDS, False, recipe.symbolic_background, prompt_cache)
+                                         recipe.question_mix, False, recipe.symbolic_background, prompt_cache)
             loss = loss + recipe.rehearsal_weight * l_sym
         l_align = torch.zeros(())
         if recipe.align_weight > 0:
@@ -651,6 +672,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--language-lr", type=float, default=defaults.language_lr)
     ap.add_argument("--keep-rates", type=float, nargs="+", default=list(defaults.keep_rates))
     ap.add_argument("--align-weight", type=float, default=defaults.align_weight)
+    ap.add_argument("--question-mix", nargs="+", default=list(defaults.question_mix), choices=KINDS,
+                    help="question types drawn uniformly (repeat one to ask it more often)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (bitwise reproducibility holds per thread count)")
     ap.add_argument("--eval-items", type=int, default=512, help="held-out 'val' items scored after training (0: none)")
     return ap.parse_args(argv)
@@ -668,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     curriculum_sparse_steps=args.curriculum_sparse_steps,
                     vision_batch=args.vision_batch, language_batch=args.language_batch,
                     vision_lr=args.vision_lr, language_lr=args.language_lr,
-                    keep_rates=tuple(args.keep_rates), align_weight=args.align_weight)
+                    keep_rates=tuple(args.keep_rates), align_weight=args.align_weight,
+                    question_mix=tuple(args.question_mix))
     log = lambda text: print(text, flush=True)  # noqa: E731
     log(f"training the SYNTHETIC PROXY: {recipe} on {args.threads} thread(s), torch {torch.__version__}, "
         f"transformers {transformers.__version__}")
