@@ -98,7 +98,8 @@ class Recipe:
     projector_lr: float = 2e-3
     #: Phase B's keep rates, drawn uniformly per step: 1.0 listed twice, because the unreduced
     #: sequence (every distractor present) is the hardest input to look the asked object up in;
-    #: with each rate once the unreduced model stayed 1 to 3 points below the oracle at 10%.
+    #: with each rate once (same tower and symbolic phase) the unreduced model scored 95.3% on val,
+    #: 1.4 points below the oracle at 10%; with 1.0 twice, 98.0%.
     keep_rates: tuple[float, ...] = (1.0, 1.0, 0.5, 0.25, 0.1)
     align_weight: float = 20.0
     eos_weight: float = 0.1
@@ -527,8 +528,9 @@ def train_language(model: transformers.LlavaForConditionalGeneration, processor:
             step - recipe.projector_steps, recipe.language_steps - recipe.projector_steps, recipe.language_lr,
             recipe.warmup))
         early = step < recipe.curriculum_steps
-        kinds = recipe.symbolic_first_kinds if step < recipe.curriculum_colour_steps else recipe.question_mix
-        index, items = _questions(pool, rng, recipe.language_batch, kinds if early else recipe.question_mix)
+        colour_only = early and step < recipe.curriculum_colour_steps
+        kinds = recipe.symbolic_first_kinds if colour_only else recipe.question_mix
+        index, items = _questions(pool, rng, recipe.language_batch, kinds)
         idx = torch.tensor(index)
         if early:
             rate = "objects"
