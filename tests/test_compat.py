@@ -25,28 +25,63 @@ def test_installed_transformers_has_every_name_tokred_depends_on(requirement: co
     assert problem is None, f"transformers {compat.transformers_version()}: {requirement.name}: {problem}"
 
 
-def test_the_installed_release_is_within_the_tested_range() -> None:
-    # CI installs the oldest and the newest release of the declared range. A newer release than the
-    # newest tested one fails here on purpose: run the suite on it, then move TESTED_TRANSFORMERS.
-    assert compat.in_tested_range(), (
-        f"transformers {compat.transformers_version()} lies outside the tested range "
-        f"{compat.TESTED_TRANSFORMERS}: test it and update tokred.compat.TESTED_TRANSFORMERS"
-    )
+def test_the_installed_release_is_within_the_tested_range(tested_release: str) -> None:
+    # The fixture skips outside the range (a release installed on purpose), or fails under CI's
+    # TOKRED_REQUIRE_TESTED_RANGE=1; inside it, the check itself must agree.
+    assert compat.in_tested_range(tested_release)
+    assert not compat.warn_if_untested(tested_release)
 
 
-def test_tested_range_matches_the_declared_lower_bound() -> None:
+def test_tested_range_is_exactly_the_declared_range() -> None:
+    """pyproject.toml declares transformers>=OLDEST,<=NEWEST, the bounds of TESTED_TRANSFORMERS: pip
+    never installs an untested release (tests/test_release_range.py checks the source files too; this
+    checks the installed distribution's metadata)."""
+    from packaging.requirements import Requirement  # (a requirement of transformers)
+
     requires = importlib.metadata.requires("tokred") or []
-    spec = next(r for r in requires if r.startswith("transformers"))
-    lower = re.search(r">=\s*([0-9.]+)", spec)
-    assert lower is not None, spec
-    assert compat._release(lower.group(1)) == compat._release(compat.TESTED_TRANSFORMERS[0])
+    spec = Requirement(next(r for r in requires if re.match(r"transformers\b", r)))
+    declared = {(s.operator, compat._release(s.version)) for s in spec.specifier}
+    low, high = compat.TESTED_TRANSFORMERS
+    assert declared == {(">=", compat._release(low)), ("<=", compat._release(high))}, (str(spec), compat.TESTED_TRANSFORMERS)
+
+
+def test_apply_warns_once_per_process_outside_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "TESTED_TRANSFORMERS", ("5.0.0", "5.1.0"))
+    monkeypatch.setattr(compat, "_warned_releases", set())
+    model, processor = tiny_model("llava")
+    method = tokred.create("random", keep=8)
+    with pytest.warns(tokred.UntestedReleaseWarning) as caught:
+        with tokred.apply(model, method):
+            pass
+    message = str(caught[0].message)
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller of apply
+    assert f"transformers {compat.transformers_version()} is outside" in message
+    assert "5.0.0 to 5.1.0" in message and "pip install 'transformers>=5.0.0,<=5.1.0'" in message
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second apply in the same process warns no more
+        with tokred.apply(model, method):
+            pass
+    assert compat.warn_if_untested() is True  # still outside; said once
+
+
+def test_no_warning_inside_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "_warned_releases", set())
+    low, high = compat.TESTED_TRANSFORMERS
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compat.warn_if_untested(low) is False and compat.warn_if_untested(high) is False
 
 
 @pytest.mark.parametrize(("version", "inside"), [
     ("5.17.0", True), ("5.20.2", True), ("5.24.0", True), ("5.16.1", False), ("5.25.0", False),
     ("6.0.0", False), ("5.24.0.dev0", True), ("5.17.0rc1", True), ("garbage", False),
 ])
-def test_in_tested_range_compares_release_numbers(version: str, inside: bool) -> None:
+def test_in_tested_range_compares_release_numbers(version: str, inside: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "TESTED_TRANSFORMERS", ("5.17.0", "5.24.0"))  # the cases above, whatever the range is
     assert compat.in_tested_range(version) is inside
 
 

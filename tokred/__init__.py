@@ -24,6 +24,7 @@ from .errors import (
     TokredError,
     TransformersInterfaceError,
     UnsupportedModelError,
+    UntestedReleaseWarning,
 )
 from .hookspecs import hookimpl, hookspec
 
@@ -82,7 +83,7 @@ __all__ = [
     "VisualTokens", "Selection", "GateState", "ImageLayout", "Run", "RunReport",
     # errors
     "TokredError", "OptionsError", "BudgetError", "ScheduleError", "UnsupportedModelError", "PluginError",
-    "RuntimeStateError", "MethodContractError", "TransformersInterfaceError",
+    "RuntimeStateError", "MethodContractError", "TransformersInterfaceError", "UntestedReleaseWarning",
 ]
 
 

@@ -23,20 +23,24 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import TransformersInterfaceError
+from .errors import TransformersInterfaceError, UntestedReleaseWarning
 
 __all__ = [
     "TESTED_TRANSFORMERS", "CACHE_KEYWORDS", "CACHE_OUTPUT_FIELDS", "ATTENTION_IMPLEMENTATION", "ROPE_DELTAS", "Keyword", "Requirement", "REQUIREMENTS",
-    "transformers_version", "torch_version", "in_tested_range", "find_cache", "output_cache", "cache_length",
+    "transformers_version", "torch_version", "in_tested_range", "tested_requirement", "warn_if_untested", "find_cache", "output_cache", "cache_length",
     "cache_keyword", "is_cache", "is_static_cache", "attention_functions", "install_attention", "uninstall_attention", "eager_attention",
     "modeling_function", "causal_lm_loss", "check_transformers", "interface_error",
 ]
 
-#: The oldest and the newest ``transformers`` release CI tests (the bounds of ``pyproject.toml``'s
-#: range that exist today). :func:`in_tested_range` compares against these.
+#: The oldest and the newest ``transformers`` release CI tests, and exactly the bounds
+#: ``pyproject.toml`` declares (``transformers>=OLDEST,<=NEWEST``), so that ``pip install tokred``
+#: never resolves an untested release. ``tests/test_release_range.py`` fails when the two, or a
+#: statement of the range in the docs, disagree; ``bash .ci/next-release.sh transformers --move``
+#: tests the newest release on the package index and moves all of them together.
 TESTED_TRANSFORMERS: tuple[str, str] = ("5.17.0", "5.24.0")
 
 #: The keyword a KV cache travels under in forward calls, newest spelling first (``cache`` since
@@ -139,6 +143,38 @@ def in_tested_range(version: str | None = None) -> bool:
     release = _release(version or transformers_version())
     oldest, newest = (_release(v) for v in TESTED_TRANSFORMERS)
     return release is not None and oldest is not None and newest is not None and oldest <= release <= newest
+
+
+def tested_requirement() -> str:
+    """The pip requirement that installs a tested release, ``"transformers>=5.17.0,<=5.24.0"``: the
+    one ``pyproject.toml`` declares."""
+    oldest, newest = TESTED_TRANSFORMERS
+    return f"transformers>={oldest},<={newest}"
+
+
+#: Releases :func:`warn_if_untested` has warned about in this process.
+_warned_releases: set[str] = set()
+
+
+def warn_if_untested(version: str | None = None, *, stacklevel: int = 2) -> bool:
+    """Warn (:class:`~tokred.errors.UntestedReleaseWarning`, once per process and release) when
+    ``version`` (default: the installed one) lies outside :data:`TESTED_TRANSFORMERS`; returns
+    whether it does. :func:`tokred.apply` calls it: pip never resolves such a release, so a user
+    who installed one on purpose is told once, and tokred goes on (its interface checks still raise
+    :class:`~tokred.errors.TransformersInterfaceError` where a name it reads is gone)."""
+    version = version or transformers_version()
+    if in_tested_range(version):
+        return False
+    if version not in _warned_releases:
+        _warned_releases.add(version)
+        oldest, newest = TESTED_TRANSFORMERS
+        warnings.warn(
+            f"transformers {version} is outside the releases tokred is tested with ({oldest} to {newest}); "
+            f"reductions may be wrong or fail. `tokred doctor` checks the names tokred reads; "
+            f"`pip install '{tested_requirement()}'` installs a tested release",
+            UntestedReleaseWarning, stacklevel=stacklevel + 1,
+        )
+    return True
 
 
 def interface_error(expected: str, seen: str) -> TransformersInterfaceError:

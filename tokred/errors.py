@@ -19,6 +19,7 @@ __all__ = [
     "RuntimeStateError",
     "MethodContractError",
     "TransformersInterfaceError",
+    "UntestedReleaseWarning",
 ]
 
 
@@ -61,3 +62,11 @@ class TransformersInterfaceError(TokredError, RuntimeError):
     """``transformers`` called tokred's hooks in a way it does not recognise (a renamed keyword, a
     cache it cannot read, a call it cannot classify as prefill or decoding step). The message names
     the installed ``transformers`` release and what tokred expected (see :mod:`tokred.compat`)."""
+
+
+class UntestedReleaseWarning(UserWarning):
+    """The installed ``transformers`` lies outside the range tokred is tested with
+    (:data:`tokred.compat.TESTED_TRANSFORMERS`): ``pip install`` never resolves such a release, so it
+    was installed on purpose (``--no-deps``, a pinned environment). :func:`tokred.apply` warns once
+    per process; the message names the release, the tested range and the pip command that installs
+    a tested one. Silence it with ``warnings.filterwarnings("ignore", category=UntestedReleaseWarning)``."""

@@ -70,9 +70,15 @@ def apply(model: nn.Module, method: Method | Schedule, *, registry: Any = None,
     Returns:
         A :class:`Run`. ``with apply(model, method) as run:`` installs the hooks; leaving the block
         removes them. ``run.report`` describes the latest prefill.
+
+    Warns:
+        UntestedReleaseWarning: once per process, where the installed ``transformers`` lies outside
+            :data:`tokred.compat.TESTED_TRANSFORMERS` (installed on purpose: pip never resolves one).
     """
+    from ..compat import warn_if_untested
     from ..registry import default_registry
 
+    warn_if_untested(stacklevel=2)  # once per process, naming the release and the tested range
     registry = registry or default_registry()
     if isinstance(method, Method):
         schedule, name = method.schedule(), _method_name(registry, method)
