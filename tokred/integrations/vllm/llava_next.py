@@ -18,17 +18,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
-from vllm.model_executor.models.llava_next import (
-    LlavaNextForConditionalGeneration,
-    LlavaNextMultiModalProcessor,
-    LlavaNextProcessingInfo,
-)
 
 from ... import compat
 from ...adapters.llava_next import anyres_layout
 from ...tokens import ImageLayout
-from ._compat import MULTIMODAL_REGISTRY
+from ._compat import (  # vLLM's names, through the one module that knows each release's spelling
+    MULTIMODAL_REGISTRY,
+    LlavaDummyInputsBuilder,
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
 from ._model import EncodedImage, TokredModelMixin
 from ._probes import Probes, capture
 from ._processing import ImageRun, TokredInfoMixin, TokredProcessorMixin

@@ -23,21 +23,21 @@ from typing import Any
 
 import torch
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
-from vllm.model_executor.models.qwen2_5_vl import (
+
+from ...adapters.qwen_vl import merged_layout
+from ._compat import (  # vLLM's names, through the one module that knows each release's spelling
+    MULTIMODAL_REGISTRY,
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
-)
-from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
+    has_torchvision,
+    image_only,
 )
-
-from ...adapters.qwen_vl import merged_layout
-from ._compat import MULTIMODAL_REGISTRY, has_torchvision, image_only
 from ._config import split_request_kwargs
 from ._model import EncodedImage, TokredModelMixin
 from ._positions import grid_cells

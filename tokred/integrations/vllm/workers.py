@@ -6,16 +6,15 @@ their positions after the encoder ran) only where its model runner's
 (``supports_multimodal_pruning(model)`` and ``video_pruning_rate > 0``); vLLM 0.32's
 ``CPUModelRunner.load_model`` replaces that method and never does, so on CPU the hook is never
 called, for EVS as for tokred. This worker sets the flag after loading, by the GPU runner's own
-rule, and changes nothing else. GPU engines do not need it.
+rule, and changes nothing else. GPU engines do not need it, nor does vLLM 0.34's CPU runner
+(``vllm/v1/worker/cpu/model_runner.py``), which calls the hook itself: there the worker is vLLM's own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vllm.v1.worker.cpu_worker import CPUWorker
-
-from ._compat import supports_multimodal_pruning
+from ._compat import CPUWorker, supports_multimodal_pruning
 
 __all__ = ["TokredCPUWorker"]
 
@@ -26,6 +25,8 @@ class TokredCPUWorker(CPUWorker):
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
         runner = self.model_runner
+        if not hasattr(runner, "is_multimodal_pruning_enabled"):
+            return  # vLLM 0.34's CPU runner has no such flag: it calls recompute_mrope_positions itself
         mm_config = runner.model_config.multimodal_config
         runner.is_multimodal_pruning_enabled = bool(
             supports_multimodal_pruning(runner.get_model())
