@@ -33,7 +33,7 @@ __all__ = [
     "TESTED_TRANSFORMERS", "CACHE_KEYWORDS", "CACHE_OUTPUT_FIELDS", "ATTENTION_IMPLEMENTATION", "ROPE_DELTAS", "Keyword", "Requirement", "REQUIREMENTS",
     "transformers_version", "torch_version", "in_tested_range", "tested_requirement", "warn_if_untested", "find_cache", "output_cache", "cache_length",
     "cache_keyword", "is_cache", "is_static_cache", "attention_functions", "install_attention", "uninstall_attention", "eager_attention",
-    "modeling_function", "causal_lm_loss", "check_transformers", "interface_error",
+    "modeling_function", "causal_lm_loss", "check_transformers", "check_requirements", "interface_error",
 ]
 
 #: The oldest and the newest ``transformers`` release CI tests, and exactly the bounds
@@ -545,8 +545,14 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 def check_transformers() -> list[tuple[Requirement, str | None]]:
     """Check every :data:`REQUIREMENTS` entry against the installed ``transformers``:
     ``(requirement, problem or None)`` per entry, in order."""
+    return check_requirements(REQUIREMENTS)
+
+
+def check_requirements(requirements: Iterable[Requirement]) -> list[tuple[Requirement, str | None]]:
+    """``(requirement, problem or None)`` for each of ``requirements``, in order; a check that raises
+    reports the exception as its problem (also used for vLLM's, :mod:`tokred.integrations.vllm._compat`)."""
     results = []
-    for requirement in REQUIREMENTS:
+    for requirement in requirements:
         try:
             problem = requirement.check()
         except Exception as exc:  # an import that fails is itself the finding

@@ -40,9 +40,9 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
+from ...compat import Requirement, check_requirements  # the same shape as transformers' requirements
 from .versions import TESTED_VLLM
 
 __all__ = [
@@ -105,7 +105,8 @@ def resolve(name: str) -> Any:
         return value
     from .versions import vllm_distribution, vllm_version
 
-    raise ImportError(f"{vllm_distribution() or 'vLLM'} {vllm_version()} has no {name}: tried {'; '.join(tried)}. "
+    installed = f"{vllm_distribution()} {vllm_version()}" if vllm_distribution() else "vLLM (not installed)"
+    raise ImportError(f"{installed} has no {name}: tried {'; '.join(tried)}. "
                       f"tokred's vLLM integration is tested with {TESTED_VLLM}; `tokred doctor` lists what it needs")
 
 
@@ -113,15 +114,6 @@ def __getattr__(name: str) -> Any:  # `from ._compat import LlavaForConditionalG
     if name in VLLM_NAMES:
         return resolve(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """One thing the integration needs from vLLM; :meth:`check` returns ``None`` when the installed
-    release has it, else what is missing."""
-
-    name: str
-    check: Callable[[], str | None]
 
 
 def _has_name(name: str) -> Callable[[], str | None]:
@@ -198,14 +190,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 def check_vllm() -> list[tuple[Requirement, str | None]]:
     """Check every :data:`REQUIREMENTS` entry against the installed vLLM: ``(requirement, problem or
     None)`` per entry, in order. Imports vLLM and its model files for the four supported families."""
-    results = []
-    for requirement in REQUIREMENTS:
-        try:
-            problem = requirement.check()
-        except Exception as exc:  # an import that fails is itself the finding
-            problem = f"{type(exc).__name__}: {exc}"
-        results.append((requirement, problem))
-    return results
+    return check_requirements(REQUIREMENTS)
 
 
 #: The torchvision-backed transformers modules vLLM's LLaVA and Qwen-VL code imports at module
