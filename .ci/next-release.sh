@@ -87,7 +87,7 @@ status=${PIPESTATUS[0]}
 set -e
 
 # pytest's closing line: "1234 passed, 5 skipped in 1300.12s (0:21:40)", with or without "=" around it
-summary=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$log" | tail -n 1 | tr -d '=' | sed 's/^ *//;s/ *$//')
+summary=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$log" | tail -n 1 | tr -d '=' | sed 's/^ *//;s/ *$//' || true)
 failures=$(grep -E "^(FAILED|ERROR) " "$log" || true)
 echo
 echo "== $package $version: ${summary:-no test summary} ($((SECONDS - start)) s in all)"

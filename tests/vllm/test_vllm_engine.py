@@ -149,6 +149,21 @@ def test_engine_wide_method_matches_the_transformers_runtime(checkpoints: dict[s
         _check(family, path, output, log[TokredConfig.parse(used, where="test").to_json()], used, im)
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_a_repeated_request_answers_the_same_from_the_prefix_cache(checkpoints: dict[str, Path], family: str) -> None:
+    """The second and third time a prompt comes, vLLM's prefix cache covers its image and drops the
+    multimodal fields not kept on the CPU (``strip_covered_mm_data``): tokred's per-image fields must
+    survive that, or the kept tokens' positions come out wrong (seen on LLaVA: 16 instead of 576)."""
+    config = {"method": "random", "keep_ratio": 0.5}
+    path, image = checkpoints[family], _image(family)
+    # Blocks of 32 tokens (the CPU backend's smallest): the prefix cache reuses whole blocks only, and these prompts are short.
+    with engine(path, enable_prefix_caching=True, block_size=32, **engine_args(ARCHITECTURES[family], cpu=CPU, **config)) as llm:
+        outputs = [llm.generate([_request(family, image)], sampling(path))[0] for _ in range(3)]
+    assert outputs[1].num_cached_tokens > 0 and outputs[2].num_cached_tokens > 0, "the prefix cache was not hit"
+    reference = transformers_reference(path, prompt_for(family), [image], config, max_new_tokens=NEW_TOKENS)["tokens"]
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [reference] * 3
+
+
 def test_todre_reads_the_cls_attention_of_vllms_vision_tower(checkpoints: dict[str, Path]) -> None:
     """ToDRE's default pivot on LLaVA is the vision [CLS] attention, captured from vLLM's CLIP tower:
     it keeps other tokens than the max_norm pivot, and each choice equals the transformers runtime's."""

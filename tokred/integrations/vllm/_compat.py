@@ -178,8 +178,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "num_computed_tokens) (original positions of the kept tokens)",
                 _takes("SupportsMultiModalPruning", "recompute_mrope_positions",
                        ("input_ids", "multimodal_embeddings", "mrope_positions", "num_computed_tokens"))),
-    Requirement("MultiModalFieldConfig.batched(modality) (tokred's per-image fields)",
-                _takes("MultiModalFieldConfig", "batched", ("modality",))),
+    Requirement("MultiModalFieldConfig.batched(modality, keep_on_cpu) (tokred's per-image fields, which a "
+                "prefix-cache hit must not drop)",
+                _takes("MultiModalFieldConfig", "batched", ("modality", "keep_on_cpu"))),
     Requirement("ModelRegistry.register_model(model_arch, model_cls)",
                 _takes("ModelRegistry", "register_model", ("model_arch", "model_cls"))),
     Requirement("CPUWorker.load_model (tokred's CPU worker enables recompute_mrope_positions after it)",

@@ -100,7 +100,9 @@ class TokredProcessorMixin:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
         for name in FIELDS:
             if name in hf_inputs:
-                fields[name] = MultiModalFieldConfig.batched("image")
+                # kept on the CPU: a prefix-cache hit that covers the image drops every field that is not
+                # (vLLM's strip_covered_mm_data), and the model reads these back at every step
+                fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object],
