@@ -101,7 +101,9 @@ def test_a_request_may_choose_another_method() -> None:
 def test_request_errors_are_value_errors_that_name_the_problem() -> None:
     engine = TokredConfig.parse({"method": "random", "keep": 64}, where="t")
     for raw, match in [({"method": "todre"}, "stage-II gates"), ({"seed": "x"}, "seed"),
-                       ({"positions": "renumber"}, "positions is engine-wide"), ([1], "must be a mapping")]:
+                       ({"positions": "renumber"}, "positions is engine-wide"), ([1], "must be a mapping"),
+                       ({"keep": None}, "'keep' is null; give a value, or leave the key out to keep the engine's"),
+                       ({"method": "random", "keep": 8, "seed": None}, "'seed' is null")]:
         with pytest.raises(TokredRequestError, match=match) as caught:
             request_config(engine, {"tokred": raw})
         assert isinstance(caught.value, ValueError)

@@ -36,7 +36,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 import tokred  # noqa: E402
 from tokred.integrations.vllm import CPU_WORKER, TokredConfig, engine_args  # noqa: E402
 from tokred.integrations.vllm._compat import current_platform  # noqa: E402
-from tokred.integrations.vllm.testing import prompt_for, tiny_checkpoint, transformers_reference  # noqa: E402
+from tokred.integrations.vllm.testing import conversation_for, prompt_for, tiny_checkpoint, transformers_reference  # noqa: E402
 from tokred.testing import make_image  # noqa: E402
 
 ARCHITECTURES = {
@@ -149,19 +149,63 @@ def test_engine_wide_method_matches_the_transformers_runtime(checkpoints: dict[s
         _check(family, path, output, log[TokredConfig.parse(used, where="test").to_json()], used, im)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
-def test_a_repeated_request_answers_the_same_from_the_prefix_cache(checkpoints: dict[str, Path], family: str) -> None:
-    """The second and third time a prompt comes, vLLM's prefix cache covers its image and drops the
-    multimodal fields not kept on the CPU (``strip_covered_mm_data``): tokred's per-image fields must
-    survive that, or the kept tokens' positions come out wrong (seen on LLaVA: 16 instead of 576)."""
-    config = {"method": "random", "keep_ratio": 0.5}
+#: The methods of the cached-path matrix, at a budget that leaves prompts several cache blocks long.
+CACHED_METHODS = {
+    "random": {"method": "random", "keep_ratio": 0.5},
+    "todre": {"method": "todre", "keep_ratio": 0.5, "stage2": False},
+    "divprune": {"method": "divprune", "keep_ratio": 0.5},
+    "pool": {"method": "pool", "keep_ratio": 0.5},
+    "example-norm": {"method": "example-norm", "keep_ratio": 0.5},
+}
+#: A conversation about the image: (the assistant's answer, the user's next question) per turn.
+TURNS = [("A few coloured shapes.", "Which one is the largest?"), ("The square.", "And its colour?")]
+
+
+@pytest.mark.parametrize("method", sorted(CACHED_METHODS))
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_repeated_requests_and_a_conversation_answer_the_same_from_the_prefix_cache(
+        checkpoints: dict[str, Path], family: str, method: str) -> None:
+    """The cached paths: the same request three times, then a three-turn conversation about the same
+    image, then the same image under another per-request budget, in one engine with prefix caching.
+    From the second request on vLLM's prefix cache covers the image and drops the multimodal fields
+    not kept on the CPU (``strip_covered_mm_data``): tokred's per-image fields must survive that, or
+    the kept tokens' positions come out wrong (seen on LLaVA-NeXT before they were kept). Every
+    answer must equal the transformers runtime's on the same prompt, sent fresh."""
+    config = CACHED_METHODS[method]
     path, image = checkpoints[family], _image(family)
-    # Blocks of 32 tokens (the CPU backend's smallest): the prefix cache reuses whole blocks only, and these prompts are short.
+    prompts = [conversation_for(family, TURNS[:n]) for n in range(len(TURNS) + 1)]
+    other = {"keep_ratio": 0.25}
+    # Blocks of 32 tokens (the CPU backend's smallest): the prefix cache reuses whole blocks only.
     with engine(path, enable_prefix_caching=True, block_size=32, **engine_args(ARCHITECTURES[family], cpu=CPU, **config)) as llm:
-        outputs = [llm.generate([_request(family, image)], sampling(path))[0] for _ in range(3)]
-    assert outputs[1].num_cached_tokens > 0 and outputs[2].num_cached_tokens > 0, "the prefix cache was not hit"
-    reference = transformers_reference(path, prompt_for(family), [image], config, max_new_tokens=NEW_TOKENS)["tokens"]
-    assert [list(o.outputs[0].token_ids) for o in outputs] == [reference] * 3
+        def answer(prompt: str, request: dict[str, Any] | None = None) -> Any:
+            item = {**_request(family, image, request), "prompt": prompt}
+            return llm.generate([item], sampling(path))[0]
+
+        repeated = [answer(prompts[0]) for _ in range(3)]
+        conversation = [answer(p) for p in prompts[1:]]
+        rebudgeted = answer(prompts[0], other)
+    assert all(o.num_cached_tokens for o in repeated[1:] + conversation), "the prefix cache was not hit"
+    expected = [transformers_reference(path, p, [image], config, max_new_tokens=NEW_TOKENS)["tokens"] for p in prompts]
+    assert [list(o.outputs[0].token_ids) for o in repeated] == [expected[0]] * 3, "a repeated request answered otherwise"
+    assert [list(o.outputs[0].token_ids) for o in conversation] == expected[1:], "a follow-up answered otherwise"
+    # The same image under another budget: no cached result of the first budget may be reused for it.
+    merged = TokredConfig.parse(config, where="test").merged(other, where="test")
+    assert list(rebudgeted.outputs[0].token_ids) == transformers_reference(
+        path, prompts[0], [image], json.loads(merged.to_json()), max_new_tokens=NEW_TOKENS)["tokens"]
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_chunked_prefill_answers_as_one_prefill(checkpoints: dict[str, Path], family: str) -> None:
+    """A prefill split into chunks of 64 tokens (the image's kept run spans several) answers as the
+    transformers runtime does, the first time and from the prefix cache."""
+    config = CACHED_METHODS["random"]
+    path, image = checkpoints[family], _image(family)
+    with engine(path, enable_prefix_caching=True, block_size=32, enable_chunked_prefill=True, max_num_batched_tokens=64,
+                **engine_args(ARCHITECTURES[family], cpu=CPU, **config)) as llm:
+        outputs = [llm.generate([_request(family, image)], sampling(path))[0] for _ in range(2)]
+    assert len(outputs[0].prompt_token_ids) > 64, "the prompt fits one chunk: nothing was chunked"
+    expected = transformers_reference(path, prompt_for(family), [image], config, max_new_tokens=NEW_TOKENS)["tokens"]
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [expected] * 2
 
 
 def test_todre_reads_the_cls_attention_of_vllms_vision_tower(checkpoints: dict[str, Path]) -> None:

@@ -120,6 +120,12 @@ class TokredConfig:
 
     def merged(self, request: Mapping[str, Any], *, where: str) -> TokredConfig:
         """This (engine-wide) config with a request's overrides applied (see the module notes)."""
+        nulls = sorted(str(key) for key, value in request.items() if value is None)
+        if nulls:  # JSON's null would otherwise fall back to the method's default budget, silently
+            raise OptionsError(
+                f"{where}: {', '.join(repr(k) for k in nulls)} is null; give a value, or leave the key out to keep "
+                "the engine's"
+            )
         if "positions" in request and request["positions"] != self.positions:
             raise OptionsError(
                 f"{where}: positions is engine-wide (it decides how vLLM runs the model); this engine runs with "

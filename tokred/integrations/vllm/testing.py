@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from .checkpoints import save_tiny_checkpoint
 
-__all__ = ["TINY_OVERRIDES", "PROMPTS", "tiny_checkpoint", "load_processor", "prompt_for", "transformers_reference"]
+__all__ = ["TINY_OVERRIDES", "PROMPTS", "FOLLOW_UPS", "tiny_checkpoint", "load_processor", "prompt_for", "conversation_for",
+           "transformers_reference"]
 
 #: ``tokred.testing.tiny_model`` overrides that make a tiny model vLLM's CPU backend can run.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -34,6 +35,16 @@ PROMPTS = {
 }
 
 
+#: How each family's chat template continues a conversation: the assistant's answer, then the next
+#: user turn, then the assistant's prompt again.
+FOLLOW_UPS = {
+    "llava": "{answer}</s>USER: {question} ASSISTANT:",
+    "llava_next": "{answer}</s>USER: {question} ASSISTANT:",
+    "qwen2_vl": "{answer}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+    "qwen2_5_vl": "{answer}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
 def tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0) -> Path:
     """Save ``tokred.testing.tiny_model(family)`` with :data:`TINY_OVERRIDES` to ``path`` (skipped
     if a checkpoint is there already); returns the path."""
@@ -45,6 +56,16 @@ def tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0) -> Path:
 
 def prompt_for(family: str, question: str = "What is shown in this image?") -> str:
     return PROMPTS[family].format(question=question)
+
+
+def conversation_for(family: str, turns: Sequence[tuple[str, str]], question: str = "What is shown in this image?") -> str:
+    """The prompt of a conversation about one image: the first ``question`` (with the image), then
+    for each ``(answer, follow-up question)`` of ``turns`` the assistant's answer and the next user
+    turn, ending where the assistant answers next. With no turns it is :func:`prompt_for`."""
+    prompt = prompt_for(family, question)
+    for answer, follow_up in turns:
+        prompt += FOLLOW_UPS[family].format(answer=answer, question=follow_up)
+    return prompt
 
 
 def load_processor(path: str | Path) -> Any:
