@@ -200,7 +200,9 @@ def move(package: str, version: str) -> list[str]:
         _replace(PYPROJECT, f'"{bounds.spec}"', f'"{new_spec}"')
         _replace(COMPAT, f'TESTED_TRANSFORMERS: tuple[str, str] = ("{low}", "{high}")',
                  f'TESTED_TRANSFORMERS: tuple[str, str] = ("{low}", "{version}")')
-        changed |= {PYPROJECT, COMPAT}
+        # the lmms-eval environment runs on the newest tested release too (CI's .ci/lmms-eval.sh)
+        _replace(CONSTRAINTS_EVAL, f"transformers=={pin(CONSTRAINTS_EVAL, 'transformers')}", f"transformers=={version}")
+        changed |= {PYPROJECT, COMPAT, CONSTRAINTS_EVAL}
         for path in prose_files():
             text = path.read_text()
             updated = text.replace(f"{low} to {high}", f"{low} to {version}").replace(bounds.spec, new_spec)

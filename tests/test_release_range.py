@@ -77,7 +77,8 @@ def test_move_rewrites_every_place_together(scratch: tuple[ModuleType, Path]) ->
     module, root = scratch
     low, high = module.tested_transformers()
     changed = module.move("transformers", "5.99.0")
-    assert {"pyproject.toml", "tokred/compat.py", "README.md"} <= set(changed)
+    assert {"pyproject.toml", "tokred/compat.py", "README.md", "constraints-eval.txt"} <= set(changed)
+    assert module.pin(root / "constraints-eval.txt", "transformers") == "5.99.0"
     assert module.tested_transformers() == (low, "5.99.0")
     assert module.declared("transformers").spec == f"transformers>={low},<=5.99.0"
     assert f"{low} to 5.99.0" in (root / "README.md").read_text()

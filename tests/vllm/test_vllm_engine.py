@@ -208,6 +208,23 @@ def test_chunked_prefill_answers_as_one_prefill(checkpoints: dict[str, Path], fa
     assert [list(o.outputs[0].token_ids) for o in outputs] == [expected] * 2
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_request_may_keep_more_than_the_engine_even_in_small_chunks(checkpoints: dict[str, Path], family: str) -> None:
+    """An engine keeping 8 tokens per image, in prefill chunks of 64 tokens, serves a request that
+    keeps every token: vLLM sizes its encoder cache from the profiling inputs, which ask for every token
+    (sized from the engine's 8, the request was refused with a message about --limit-mm-per-prompt)."""
+    path, image = checkpoints[family], _image(family)
+    config, everything = {"method": "random", "keep": 8}, {"keep_ratio": 1.0}
+    with engine(path, enable_chunked_prefill=True, max_num_batched_tokens=64,
+                **engine_args(ARCHITECTURES[family], cpu=CPU, **config)) as llm:
+        small, full = llm.generate([_request(family, image), _request(family, image, everything)], sampling(path))
+    reference = transformers_reference(path, prompt_for(family), [image], None, max_new_tokens=NEW_TOKENS)
+    assert len(full.prompt_token_ids) == reference["prompt_tokens"] > 64
+    assert list(full.outputs[0].token_ids) == reference["tokens"]
+    expected = transformers_reference(path, prompt_for(family), [image], config, max_new_tokens=NEW_TOKENS)["tokens"]
+    assert list(small.outputs[0].token_ids) == expected
+
+
 def test_todre_reads_the_cls_attention_of_vllms_vision_tower(checkpoints: dict[str, Path]) -> None:
     """ToDRE's default pivot on LLaVA is the vision [CLS] attention, captured from vLLM's CLIP tower:
     it keeps other tokens than the max_norm pivot, and each choice equals the transformers runtime's."""

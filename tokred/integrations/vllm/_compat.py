@@ -170,6 +170,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "(overridden to shorten each image's placeholders)",
                 _all([_overridable(c, ("_call_hf_processor", "_get_mm_fields_config", "_get_prompt_updates"))
                       for c in _PROCESSORS])),
+    Requirement("the multimodal processors' get_dummy_inputs(seq_len, mm_counts, mm_options) returning "
+                "hf_processor_mm_kwargs (overridden: profiling asks for every token, so the encoder cache fits any "
+                "per-request budget)",
+                _all([_takes(c, "get_dummy_inputs", ("seq_len", "mm_counts", "mm_options")) for c in _PROCESSORS])),
     Requirement("the processing infos' get_hf_processor (overridden)",
                 _all([_overridable(c, ("get_hf_processor",)) for c in _INFOS])),
     Requirement("the models' embed_multimodal (overridden: the selector runs there)",

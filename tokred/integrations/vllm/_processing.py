@@ -25,7 +25,14 @@ import torch
 
 from ...decisions import check_image_budgets
 from ...errors import TokredError
-from ._config import TokredConfig, TokredRequestError, engine_config, request_config, split_request_kwargs
+from ._config import (
+    CONFIG_KEY,
+    TokredConfig,
+    TokredRequestError,
+    engine_config,
+    request_config,
+    split_request_kwargs,
+)
 
 __all__ = [
     "KEEP_FIELD", "RUN_FIELD", "CONFIG_FIELD", "FIELDS", "ImageRun", "ImageFields", "TokredInfoMixin",
@@ -64,6 +71,18 @@ class TokredProcessorMixin:
     def _tokred_image_runs(self, processed: Any) -> list[ImageRun]:
         """Every image's :class:`ImageRun`, in the order of the HF processor's output."""
         raise NotImplementedError(f"{type(self).__name__} must say how long each image's placeholder run is")
+
+    def get_dummy_inputs(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's profiling inputs, which "after processing result in the maximum possible number of
+        placeholder tokens": with a tokred engine, that is every token of the image, since a request
+        may ask for a larger budget than the engine's (``{"keep_ratio": 1.0}``). vLLM sizes the
+        encoder cache and profiles memory from these, so a larger per-request budget fits them
+        (sized from the engine's reduced count, it was refused with a message about
+        ``--limit-mm-per-prompt``)."""
+        inputs = super().get_dummy_inputs(*args, **kwargs)  # type: ignore[misc]
+        if self.info.tokred_engine_config() is not None:  # type: ignore[attr-defined]
+            inputs.hf_processor_mm_kwargs = {**inputs.hf_processor_mm_kwargs, CONFIG_KEY: {"keep_ratio": 1.0}}
+        return inputs
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
         _, rest = split_request_kwargs(hf_kwargs)
