@@ -41,7 +41,7 @@ __all__ = [
 #: never resolves an untested release. ``tests/test_release_range.py`` fails when the two, or a
 #: statement of the range in the docs, disagree; ``bash .ci/next-release.sh transformers --move``
 #: tests the newest release on the package index and moves all of them together.
-TESTED_TRANSFORMERS: tuple[str, str] = ("5.17.0", "5.24.0")
+TESTED_TRANSFORMERS: tuple[str, str] = ("5.17.0", "5.25.0")
 
 #: The keyword a KV cache travels under in forward calls, newest spelling first (``cache`` since
 #: 5.24; ``past_key_values`` before, still accepted with a deprecation warning in 5.24).
