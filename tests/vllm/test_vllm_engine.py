@@ -83,10 +83,12 @@ def _image(family: str, seed: int = 3) -> Any:
 
 @contextmanager
 def engine(path: Path, **kwargs: Any) -> Iterator[LLM]:
-    """A small CPU/GPU engine on ``path``, closed (and its memory released) on exit."""
-    llm = LLM(model=str(path), dtype="float32", max_model_len=4096, seed=0, enforce_eager=True,
-              gpu_memory_utilization=0.1, kv_cache_memory_bytes=256 << 20, limit_mm_per_prompt={"image": 2},
-              **kwargs)
+    """A small CPU/GPU engine on ``path``, closed (and its memory released) on exit; ``kwargs`` add to or
+    replace the defaults."""
+    defaults: dict[str, Any] = dict(dtype="float32", max_model_len=4096, seed=0, enforce_eager=True,
+                                    gpu_memory_utilization=0.1, kv_cache_memory_bytes=256 << 20,
+                                    limit_mm_per_prompt={"image": 2})
+    llm = LLM(model=str(path), **{**defaults, **kwargs})
     try:
         yield llm
     finally:
@@ -223,6 +225,32 @@ def test_a_request_may_keep_more_than_the_engine_even_in_small_chunks(checkpoint
     assert list(full.outputs[0].token_ids) == reference["tokens"]
     expected = transformers_reference(path, prompt_for(family), [image], config, max_new_tokens=NEW_TOKENS)["tokens"]
     assert list(small.outputs[0].token_ids) == expected
+
+
+#: (KV-cache bytes, max_model_len) that hold about three of four requests at their longest (block size
+#: 32, 128 new tokens each): vLLM admits all four, runs out of blocks while decoding, and preempts.
+PREEMPTING_KV_CACHE = {"llava": (5_000_000, 512), "llava_next": (5_000_000, 512),
+                       "qwen2_vl": (2_200_000, 320), "qwen2_5_vl": (2_200_000, 320)}
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_a_preempted_request_answers_as_if_it_never_was(checkpoints: dict[str, Path], family: str) -> None:
+    """A KV cache too small for four long requests at once: vLLM preempts one, frees its blocks and
+    later recomputes it from its prompt and multimodal inputs (tokred's fields included: the kept
+    tokens' positions must come back the same). Every answer equals the transformers runtime's."""
+    config = CACHED_METHODS["random"]
+    path = checkpoints[family]
+    kv_bytes, max_len = PREEMPTING_KV_CACHE[family]
+    images = [_image(family, seed) for seed in range(20, 24)]
+    long = SamplingParams(temperature=0, max_tokens=128, min_tokens=128, ignore_eos=True, allowed_token_ids=_allowed(path))
+    with engine(path, block_size=32, kv_cache_memory_bytes=kv_bytes, max_model_len=max_len, disable_log_stats=False,
+                limit_mm_per_prompt={"image": 1}, **engine_args(ARCHITECTURES[family], cpu=CPU, **config)) as llm:
+        outputs = llm.generate([_request(family, image) for image in images], long)
+        preemptions = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}.get("vllm:num_preemptions")
+    assert preemptions, "no request was preempted: the KV cache held them all"
+    for output, image in zip(outputs, images):
+        expected = transformers_reference(path, prompt_for(family), [image], config, max_new_tokens=128)["tokens"]
+        assert list(output.outputs[0].token_ids) == expected
 
 
 def test_todre_reads_the_cls_attention_of_vllms_vision_tower(checkpoints: dict[str, Path]) -> None:
