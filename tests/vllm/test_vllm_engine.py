@@ -227,6 +227,25 @@ def test_a_request_may_keep_more_than_the_engine_even_in_small_chunks(checkpoint
     assert list(small.outputs[0].token_ids) == expected
 
 
+def test_a_client_uuid_does_not_carry_one_budget_over_to_another(checkpoints: dict[str, Path]) -> None:
+    """A client may name its media (``multi_modal_uuids``) so that vLLM reuses cached results by that
+    name. The same named image under the engine's budget and then under a per-request one: vLLM hashes
+    the request's processor kwargs with the name, so the second gets its own reduction."""
+    family, config, other = "llava", CACHED_METHODS["random"], {"keep_ratio": 0.25}
+    path, image = checkpoints[family], _image(family)
+    named = {"multi_modal_uuids": {"image": ["client-image-1"]}}
+    with engine(path, block_size=32, **engine_args(ARCHITECTURES[family], cpu=CPU, **config)) as llm:
+        first, second = (llm.generate([{**_request(family, image, request), **named}], sampling(path))[0]
+                         for request in (None, other))
+    merged = json.loads(TokredConfig.parse(config, where="test").merged(other, where="test").to_json())
+    for output, used in ((first, config), (second, merged)):
+        reference = transformers_reference(path, prompt_for(family), [image], used, max_new_tokens=NEW_TOKENS)
+        n = reference["num_tokens"][0]
+        kept = tokred.Budget(keep_ratio=used["keep_ratio"]).tokens_for(n)
+        assert len(output.prompt_token_ids) == reference["prompt_tokens"] - (n - kept)
+        assert list(output.outputs[0].token_ids) == reference["tokens"]
+
+
 #: (KV-cache bytes, max_model_len) that hold about three of four requests at their longest (block size
 #: 32, 128 new tokens each): vLLM admits all four, runs out of blocks while decoding, and preempts.
 PREEMPTING_KV_CACHE = {"llava": (5_000_000, 512), "llava_next": (5_000_000, 512),
