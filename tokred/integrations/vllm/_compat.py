@@ -85,46 +85,42 @@ VLLM_NAMES: dict[str, tuple[str, ...]] = {
 _resolved: dict[str, Any] = {}
 
 
-def resolve(name: str) -> Any:
-    """The object :data:`VLLM_NAMES` lists under ``name``, from the first spelling the installed vLLM
-    has. Raises ``ImportError`` naming every spelling tried and the installed release."""
+def _missing(name: str) -> str | None:
+    """Resolve ``name`` into the cache of resolved names; ``None`` when found, else what the installed
+    vLLM lacks (every spelling tried, and why each failed)."""
     if name in _resolved:
-        return _resolved[name]
-    spellings = VLLM_NAMES[name]
+        return None
     tried = []
-    for spelling in spellings:
+    for spelling in VLLM_NAMES[name]:
         module_name, _, attribute = spelling.partition(":")
         if module_name.startswith(_MODELS + "."):
             alias_torchvision_free_processors()  # vLLM's model files import torchvision-backed helpers
         try:
-            value = getattr(importlib.import_module(module_name), attribute)
+            _resolved[name] = getattr(importlib.import_module(module_name), attribute)
+            return None
         except (ImportError, AttributeError) as exc:
             tried.append(f"{spelling} ({type(exc).__name__}: {exc})")
-            continue
-        _resolved[name] = value
-        return value
     from .versions import vllm_distribution, vllm_version
 
-    installed = f"{vllm_distribution()} {vllm_version()}" if vllm_distribution() else "vLLM (not installed)"
-    raise ImportError(f"{installed} has no {name}: tried {'; '.join(tried)}. "
-                      f"tokred's vLLM integration is tested with {TESTED_VLLM}; `tokred doctor` lists what it needs")
+    distribution = vllm_distribution()
+    installed = f"{distribution} {vllm_version()}" if distribution else "vLLM (not installed)"
+    return f"{installed} has no {name}: tried {'; '.join(tried)}"
+
+
+def resolve(name: str) -> Any:
+    """The object :data:`VLLM_NAMES` lists under ``name``, from the first spelling the installed vLLM
+    has. Raises ``ImportError`` naming every spelling tried and the installed release."""
+    problem = _missing(name)
+    if problem is not None:
+        raise ImportError(f"{problem}. tokred's vLLM integration is tested with {TESTED_VLLM}; "
+                          "`tokred doctor` lists what it needs")
+    return _resolved[name]
 
 
 def __getattr__(name: str) -> Any:  # `from ._compat import LlavaForConditionalGeneration` (PEP 562)
     if name in VLLM_NAMES:
         return resolve(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _has_name(name: str) -> Callable[[], str | None]:
-    def check() -> str | None:
-        try:
-            resolve(name)
-        except ImportError as exc:
-            return str(exc).split(". tokred's")[0]
-        return None
-
-    return check
 
 
 def _overridable(class_name: str, methods: tuple[str, ...]) -> Callable[[], str | None]:
@@ -165,7 +161,8 @@ def _all(checks: list[Callable[[], str | None]]) -> Callable[[], str | None]:
 
 #: Everything the integration needs from vLLM; :func:`check_vllm` checks each one.
 REQUIREMENTS: tuple[Requirement, ...] = (
-    *(Requirement(f"vllm name {name} ({' or '.join(spellings)})", _has_name(name)) for name, spellings in VLLM_NAMES.items()),
+    *(Requirement(f"vllm name {name} ({' or '.join(spellings)})", lambda name=name: _missing(name))
+      for name, spellings in VLLM_NAMES.items()),
     Requirement("the multimodal processors' _call_hf_processor, _get_mm_fields_config, _get_prompt_updates "
                 "(overridden to shorten each image's placeholders)",
                 _all([_overridable(c, ("_call_hf_processor", "_get_mm_fields_config", "_get_prompt_updates"))
