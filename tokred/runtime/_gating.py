@@ -45,7 +45,8 @@ Stash = tuple[torch.Tensor, torch.Tensor, float]
 SCORE_BLOCK_ELEMENTS = 1 << 26
 
 
-def stash_for(state: RunState, served: dict[int, AttentionLayer]) -> Callable[[torch.Tensor, torch.Tensor, float], None]:
+def stash_for(current: Callable[[], RunState],
+              served: dict[int, AttentionLayer]) -> Callable[[torch.Tensor, torch.Tensor, float], None]:
     """The observer callback of one decoder layer's attention module: keep its query and key states
     for the gates it serves (only in a prefill that decides, not in a frozen replay).
 
@@ -54,6 +55,7 @@ def stash_for(state: RunState, served: dict[int, AttentionLayer]) -> Callable[[t
     gate's layer; stashed only during the extra call :func:`probe_own_attention` makes, never during
     the layer's forward, which runs after the gate decided)."""
     def stash(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        state = current()  # the calling thread's run state
         prefill = state.prefill
         if state.mode != "prefill" or prefill is None or state.frozen:
             return

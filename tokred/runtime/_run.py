@@ -25,13 +25,14 @@ decisions of the latest prefill and replays them while the run is frozen.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..adapters.base import Adapter
+from ..adapters.base import Adapter, VisionProbes
 from ..decisions import Describe, check_image_budgets
 from ..errors import RuntimeStateError, ScheduleError
 from ..method import Method
@@ -126,16 +127,45 @@ class Run:
         self.gate_layers: list[int] = schedule.gate_layers(adapter.num_layers)
         self._check_static()
         self._removers: list[Callable[[], None]] = []
-        self._state = RunState(adapter, schedule, self.gate_layers, method_name,
-                               describe or (lambda component: type(component).__name__),
-                               RunReport(adapter.family, method_name, adapter.num_layers))
+        self._describe: Describe = describe or (lambda component: type(component).__name__)
+        # One RunState per thread: the hooks fire in the thread that called the model, so two
+        # threads generating on one applied model each see only their own forward's state.
+        self._threads = threading.local()
+        self._states_lock = threading.Lock()
+        self._states: list[weakref.ref[RunState]] = []
+        self._latest: RunState | None = None
+        self._probes = _ThreadProbes(self)
+
+    @property
+    def _state(self) -> RunState:
+        """The calling thread's state, created on its first call into this run."""
+        state: RunState | None = getattr(self._threads, "state", None)
+        if state is None:
+            state = RunState(self.adapter, self.schedule, self.gate_layers, self.method_name, self._describe,
+                             RunReport(self.adapter.family, self.method_name, self.adapter.num_layers))
+            self._threads.state = state
+            with self._states_lock:
+                self._states = [ref for ref in self._states if ref() is not None] + [weakref.ref(state)]
+        return state
+
+    def _reporting_state(self) -> RunState:
+        """Whose prefill ``report``, ``output_positions`` and ``frozen`` describe: the calling
+        thread's latest, else the latest of any thread (``generate`` run in a worker thread, as a
+        streamer does, and read from the main thread)."""
+        own: RunState | None = getattr(self._threads, "state", None)
+        if own is not None and own.report.prefills:
+            return own
+        latest = self._latest
+        return latest if latest is not None else self._state
 
     # ------------------------------------------------------------------ public
 
     @property
     def report(self) -> RunReport:
-        """Measurements of the latest prefill (see :class:`~tokred.report.RunReport`)."""
-        return self._state.report
+        """Measurements of the latest prefill (see :class:`~tokred.report.RunReport`): the calling
+        thread's, or, in a thread that has not called the model inside this run, the latest of any
+        thread."""
+        return self._reporting_state().report
 
     @property
     def active(self) -> bool:
@@ -152,8 +182,9 @@ class Run:
 
         This is how reduced logits are read: the logits of input position ``p`` of row ``b`` are
         ``logits[b, j]`` where ``output_positions[b, j] == p`` (text positions are never dropped).
-        A forward with ``labels`` uses the same mapping to score the loss on the survivors."""
-        return self._state.output_positions
+        A forward with ``labels`` uses the same mapping to score the loss on the survivors.
+        Per thread, as :attr:`report`."""
+        return self._reporting_state().output_positions
 
     @contextlib.contextmanager
     def frozen(self, rows: Sequence[int] | None = None) -> Iterator[Run]:
@@ -171,10 +202,16 @@ class Run:
                 decisions it replays (e.g. ``[0, 0, 0, 1, 1, 1]`` scores three continuations of
                 each of two prompts); default: the same rows. Each replayed row must hold the same
                 images (same token counts) as its source row.
+
+        Freezing is per thread: it replays the calling thread's latest prefill (in a thread that has
+        not called the model inside this run: the latest prefill of any thread) and affects only the
+        calls of that thread.
         """
-        state = self._state
-        if state.report.prefills == 0:
+        state, source = self._state, self._reporting_state()
+        if source.report.prefills == 0:
             raise RuntimeStateError("nothing to freeze: run a prefill inside this run first")
+        if source is not state:
+            state.decisions = source.decisions  # read only while frozen; a later decision replaces it
         if rows is not None and (isinstance(rows, (str, bytes)) or any(isinstance(r, bool) or int(r) != r or r < 0 for r in rows)):
             raise RuntimeStateError(f"rows must be row indices of the deciding prefill (non-negative ints), got {rows!r}")
         state.frozen = True
@@ -211,11 +248,13 @@ class Run:
             self._removers.pop()()
         if _active_runs.get(self.model) is self:
             del _active_runs[self.model]
-        state = self._state
-        state.prefill = None
-        state.probes.clear()
-        state.consumed_probes = None
-        state.mode = "idle"
+        with self._states_lock:
+            states = [state for state in (ref() for ref in self._states) if state is not None]
+        for state in states:
+            state.prefill = None
+            state.probes.clear()
+            state.consumed_probes = None
+            state.mode = "idle"
 
     # ------------------------------------------------------------- validation
 
@@ -241,22 +280,26 @@ class Run:
     # ----------------------------------------------------------------- install
 
     def _install(self) -> None:
-        adapter, state = self.adapter, self._state
+        # Every hook looks the calling thread's state up when it fires (``self._state``), never a
+        # state captured at install time: concurrent calls from several threads stay apart.
+        adapter = self.adapter
         mm, lm, layers = adapter.multimodal_model(), adapter.language_model(), adapter.decoder_layers()
         if self.model is not mm:
-            self._hook(self.model.register_forward_pre_hook(lambda m, a, k: take_labels(state, a, k), with_kwargs=True))
-            self._hook(self.model.register_forward_hook(lambda m, a, k, out: score_labels(state, self.model, out),
+            self._hook(self.model.register_forward_pre_hook(lambda m, a, k: take_labels(self._state, a, k),
+                                                            with_kwargs=True))
+            self._hook(self.model.register_forward_hook(lambda m, a, k, out: score_labels(self._state, self.model, out),
                                                         with_kwargs=True))
-        self._hook(mm.register_forward_pre_hook(lambda m, a, k: classify_call(state, m, a, k), with_kwargs=True))
+        self._hook(mm.register_forward_pre_hook(lambda m, a, k: classify_call(self._state, m, a, k), with_kwargs=True))
         self._hook(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True, prepend=True))
-        self._hook(lm.register_forward_hook(lambda m, a, k, out: finish_call(state, out), with_kwargs=True))
+        self._hook(lm.register_forward_hook(self._after_language_model, with_kwargs=True))
         for index, layer in enumerate(layers):
             self._hook(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True, prepend=True))
         sources = [stage.gate.attention_layer for stage in self.schedule.gates]
         for observed, served in observed_layers(self.gate_layers, sources).items():
-            self._removers.append(observe_attention(adapter.self_attention(layers[observed]), stash_for(state, served)))
+            self._removers.append(observe_attention(adapter.self_attention(layers[observed]),
+                                                    stash_for(lambda: self._state, served)))
         wanted = self.schedule.selector.selector.inputs if self.schedule.selector else frozenset()
-        self._removers.extend(adapter.install_vision_probes(state.probes, wanted))
+        self._removers.extend(adapter.install_vision_probes(self._probes, wanted))  # type: ignore[arg-type]
 
     def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._removers.append(handle.remove)
@@ -270,10 +313,16 @@ class Run:
             return None
         return pack_prefill(state, args, kwargs)
 
-    def _layer_hook(self, index: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
+    def _after_language_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         state = self._state
+        started = state.mode in ("prefill", "passthrough")
+        finish_call(state, output)
+        if started:
+            self._latest = state
 
+    def _layer_hook(self, index: int) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            state = self._state
             if state.mode == "prefill" and state.prefill is not None:
                 return prefill_layer(state, index, args, kwargs)
             if state.mode == "decode":
@@ -281,3 +330,16 @@ class Run:
             return None
 
         return hook
+
+
+class _ThreadProbes:
+    """What the adapter's vision-probe hooks write into: forwards every attribute to the calling
+    thread's :class:`~tokred.adapters.base.VisionProbes` (the hooks are installed once per run,
+    but each thread's prefill captures its own images)."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def __getattr__(self, name: str) -> Any:
+        probes: VisionProbes = self._run._state.probes
+        return getattr(probes, name)
