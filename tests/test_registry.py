@@ -585,6 +585,78 @@ def test_unknown_option_names_the_valid_ones() -> None:
     assert "'kep'" in message and "keep" in message and "keep_ratio" in message and "layer" in message
 
 
+def test_unknown_option_lists_the_valid_ones_one_per_line_with_a_suggestion() -> None:
+    with pytest.raises(OptionsError) as excinfo:
+        tokred.create("fastv", kep=3)
+    first, *lines = str(excinfo.value).splitlines()
+    assert first == "method 'fastv' has no option 'kep' (did you mean 'keep' for 'kep'?); valid options:"
+    assert max(len(line) for line in lines) <= 100
+    fields = tokred.default_registry().entry("method", "fastv").obj.model_fields
+    rows = [line for line in lines if not line.startswith("   ")]  # not the wrapped descriptions
+    assert [line.split()[0] for line in rows] == list(fields)
+    assert rows[0].split()[1:3] == ["default", "None"] and "Visual tokens to keep" in rows[0]
+    assert len(lines) > len(rows)  # the long descriptions wrap instead of running on
+
+
+def test_invalid_option_values_list_the_valid_options_one_per_line_too() -> None:
+    with pytest.raises(OptionsError) as excinfo:
+        tokred.create("random", seed="x")
+    first, *lines = str(excinfo.value).splitlines()
+    assert first.startswith("invalid options for method 'random': seed: ") and first.endswith(". valid options:")
+    assert lines[-1].split()[:3] == ["seed", "default", "0"]
+
+
+def test_option_lines_put_a_description_under_its_row_when_its_column_is_narrow() -> None:
+    from pydantic import BaseModel
+
+    from tokred.registry import option_lines
+
+    class Options(BaseModel):
+        a_rather_long_option_name: int = Field(1, description="Short.")
+        other: tuple = Field(tuple(range(12)), description="Something to say. " * 8)
+        bare: int = Field(0)
+
+    lines = option_lines(Options.model_fields, width=80)
+    assert lines[0] == "  a_rather_long_option_name  default 1"
+    assert lines[1] == "      Short."
+    assert lines[2].split()[:2] == ["other", "default"]
+    assert all(line.startswith("      Something") for line in lines[3:-1]) and len(lines) > 5
+    assert max(len(line) for line in lines[3:-1]) <= 80
+    assert lines[-1].split() == ["bare", "default", "0"]
+
+
+@pytest.mark.parametrize(("lookup", "message"), [
+    (lambda r: r.create("todr"), "unknown method 'todr' (did you mean 'todre'?); registered: "),
+    (lambda r: r.selector("randon"), "unknown selector 'randon' (did you mean 'random'?); registered: "),
+    (lambda r: r.gate("last_token_atention"), "(did you mean 'last_token_attention'?)"),
+    (lambda r: r.entry("adapter", "lava"), "unknown adapter 'lava' (did you mean 'llava'?); registered: "),
+    (lambda r: r.create("zzzzzz"), "unknown method 'zzzzzz'; registered: "),  # nothing close: no guess
+])
+def test_unknown_names_suggest_the_closest_registered_one(lookup, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(OptionsError) as excinfo:
+        lookup(Registry())
+    assert message in str(excinfo.value)
+
+
+def test_module_level_create_suggests_too() -> None:
+    with pytest.raises(OptionsError, match=r"^unknown method 'todr' \(did you mean 'todre'\?\); registered: "):
+        tokred.create("todr")
+
+
+def test_an_alias_can_be_suggested(tmp_path) -> None:  # noqa: ANN001
+    from tokred.methods import RandomSelector
+
+    class Plugin:
+        __name__ = "aliased"
+
+        @tokred.hookimpl
+        def tokred_register_selectors(self, register) -> None:  # noqa: ANN001
+            register("uniform", RandomSelector, aliases=("shuffle",))
+
+    with pytest.raises(OptionsError, match=r"unknown selector 'shufle' \(did you mean 'shuffle'\?\)"):
+        Registry(entry_points=(), plugins=[Plugin()]).selector("shufle")
+
+
 def test_wrong_option_type_is_an_options_error() -> None:
     with pytest.raises(OptionsError, match="seed"):
         tokred.create("random", seed="not a number")

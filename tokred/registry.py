@@ -26,6 +26,7 @@ import fnmatch
 import importlib.metadata
 import inspect
 import re
+import textwrap
 import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Registry", "Entry", "PluginFailure", "default_registry", "set_default_registry", "FIRST_PARTY_DISTRIBUTIONS",
+    "suggest", "option_lines",
 ]
 
 Kind = Literal["adapter", "selector", "gate", "method"]
@@ -67,6 +69,66 @@ No other plugin can take such a name over, whatever its entry point is called (s
 baseline methods. Everything else, plugins passed in-process to :class:`Registry` included, is
 third-party.
 """
+
+
+def suggest(word: str, candidates: Iterable[str], *, cutoff: float = 0.6) -> str | None:
+    """The candidate closest to ``word`` (:func:`difflib.get_close_matches`), or ``None`` when none
+    is close enough.
+
+    Every "did you mean" of tokred comes from here: the registry's unknown names and options, the
+    hook names of a plugin, and the command line's flags, commands, choices and options.
+    """
+    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def option_lines(fields: Mapping[str, Any], *, width: int = 100, indent: int = 2) -> list[str]:
+    """The options of an option model, one per line, for error messages and listings.
+
+    Each line holds the option's name, its default (``default 0.1``, or ``required``) and its
+    description, in aligned columns; a description that does not fit in ``width`` columns wraps onto
+    lines of its own, indented to its column::
+
+          keep        default None     Visual tokens to keep per image (absolute). Excludes keep_ratio.
+          spread      default 'image'  'image': rank all of an image's tokens together; 'tiles': split
+                                       each image's budget over its tiles ...
+
+    Args:
+        fields: ``model_fields`` of a pydantic model (name -> ``FieldInfo``).
+        width: the widest a line may be (a long name or default can exceed it; words never break).
+        indent: spaces before every line.
+    """
+    rows = []
+    for name, info in fields.items():
+        default = "required" if info.is_required() else f"default {info.default!r}"
+        rows.append((name, default, " ".join((info.description or "").split())))
+    if not rows:
+        return []
+    names = max(len(name) for name, _, _ in rows)
+    defaults = max(len(default) for _, default, _ in rows)
+    column = indent + names + 2 + defaults + 2
+    lines = []
+    for name, default, text in rows:
+        head = f"{' ' * indent}{name.ljust(names)}  {default.ljust(defaults)}  "
+        if not text:
+            lines.append(head.rstrip())
+            continue
+        # A text column narrower than 40 characters reads badly: the description goes under the row.
+        if width - column >= 40:
+            lines.extend(textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * column,
+                                       break_long_words=False, break_on_hyphens=False))
+        else:
+            lines.append(head.rstrip())
+            lines.extend(textwrap.wrap(text, max(width, indent + 44), initial_indent=" " * (indent + 4),
+                                       subsequent_indent=" " * (indent + 4), break_long_words=False,
+                                       break_on_hyphens=False))
+    return lines
+
+
+def _hint(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'todre'?)`` when a candidate is close to ``word``, else ``""``."""
+    close = suggest(word, candidates)
+    return f" (did you mean {close!r}?)" if close is not None else ""
 
 
 def _provider(plugin: str, distribution: str | None, in_process: bool) -> str:
@@ -427,6 +489,10 @@ class Registry:
     def entry(self, kind: Kind, name: str) -> Entry:
         """The entry called ``name`` (or an alias of it); a clear error listing the valid names otherwise.
 
+        The error names the closest registered name or alias when one is close (:func:`suggest`):
+        ``unknown method 'todr' (did you mean 'todre'?); registered: ...``. :meth:`create`,
+        :meth:`selector`, :meth:`gate` and the command line look names up here.
+
         A name that several plugins claim, and that therefore belongs to nobody, is named as such,
         with the claimants and how to resolve the clash.
         """
@@ -442,10 +508,11 @@ class Registry:
                     f"{kind} {name!r} is not registered: {contested}; {_how_to_resolve(kind, name)}. "
                     f"registered: {valid}."
                 ) from None
-            hint = ""
+            registered = [n for e in self._state.entries[kind].values() for n in (e.name, *e.aliases)]
+            failed = ""
             if self._state.errors:
-                hint = " Some plugins failed to load: " + "; ".join(str(e) for e in self._state.errors)
-            raise OptionsError(f"unknown {kind} {name!r}; registered: {valid}.{hint}") from None
+                failed = " Some plugins failed to load: " + "; ".join(str(e) for e in self._state.errors)
+            raise OptionsError(f"unknown {kind} {name!r}{_hint(name, registered)}; registered: {valid}.{failed}") from None
 
     def _list(self, kind: Kind, pattern: str) -> list[str]:
         return [e.name for e in self.entries(kind) if fnmatch.fnmatchcase(e.name, pattern)]
@@ -568,9 +635,9 @@ def _check_prefer(prefer: Mapping[str, str]) -> dict[str, str]:
     return checked
 
 
-def _did_you_mean(name: str, cutoff: float = 0.6) -> str:
-    close = difflib.get_close_matches(name, _HOOK_NAMES, n=1, cutoff=cutoff)
-    return f" (did you mean {close[0]}?)" if close else ""
+def _did_you_mean(name: str) -> str:
+    close = suggest(name, _HOOK_NAMES)
+    return f" (did you mean {close}?)" if close else ""
 
 
 def _stray_hooks(pm: pluggy.PluginManager, obj: object) -> list[str]:
@@ -608,7 +675,7 @@ def _stray_hooks(pm: pluggy.PluginManager, obj: object) -> list[str]:
                 f"{attr} is named like a tokred hook but is not marked @tokred.hookimpl, so it is never called; "
                 "decorate it with @tokred.hookimpl"
             )
-        elif attr.startswith("tokred_register") or difflib.get_close_matches(attr, _HOOK_NAMES, n=1, cutoff=0.8):
+        elif attr.startswith("tokred_register") or suggest(attr, _HOOK_NAMES, cutoff=0.8) is not None:
             problems[attr] = (
                 f"{attr} is named like a tokred hook but is neither marked @tokred.hookimpl nor a hook's name, "
                 f"so it is never called{_did_you_mean(attr)}; the hooks are {', '.join(_HOOK_NAMES)}"
@@ -733,7 +800,7 @@ def _adapter_instance(entry: Entry, model: nn.Module, options: dict[str, Any]) -
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise OptionsError(
-            f"adapter {entry.name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"adapter {entry.name!r} has no option {', '.join(map(repr, unknown))}{_option_hints(unknown, valid)}; "
             f"valid: {', '.join(valid) if valid else 'none'}"
         )
     return entry.obj(model, family=entry.name, **options)  # type: ignore[no-any-return]
@@ -743,10 +810,8 @@ def _instantiate(entry: Entry, options: dict[str, Any]) -> Any:
     cls = entry.obj
     unknown = sorted(set(options) - set(cls.model_fields))
     if unknown:
-        hints = [f"did you mean {close[0]!r} for {name!r}?" for name in unknown
-                 if (close := difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.6))]
         raise OptionsError(f"{entry.kind} {entry.name!r} has no option {', '.join(map(repr, unknown))}"
-                           f"{' (' + ' '.join(hints) + ')' if hints else ''}; {_describe_fields(cls)}")
+                           f"{_option_hints(unknown, cls.model_fields)}; {_describe_fields(cls)}")
     try:
         return cls(**options)
     except ValidationError as exc:
@@ -770,12 +835,20 @@ def _tokred_cause(exc: ValidationError) -> TokredError | None:
     return None
 
 
+def _option_hints(unknown: Sequence[str], valid: Iterable[str]) -> str:
+    """`` (did you mean 'keep' for 'kep'?)`` for the unknown options close to a valid one, else ``""``."""
+    valid = list(valid)
+    hints = [f"did you mean {close!r} for {name!r}?" for name in unknown if (close := suggest(name, valid))]
+    return f" ({' '.join(hints)})" if hints else ""
+
+
 def _describe_fields(cls: type) -> str:
+    """``valid options:`` and then the options one per line (:func:`option_lines`), or ``it takes
+    no options``: the end of an unknown or invalid option's error."""
     fields = getattr(cls, "model_fields", {})
     if not fields:
         return "it takes no options"
-    parts = [f"{n} (default {f.default!r}): {f.description or ''}".rstrip(": ") for n, f in fields.items()]
-    return "valid options: " + "; ".join(parts)
+    return "valid options:\n" + "\n".join(option_lines(fields))
 
 
 _default: Registry | None = None

@@ -44,6 +44,46 @@ def test_run_on_a_tiled_preset_with_two_images_after_one_flag(tmp_path: Path, ca
     assert [len(image["kept_final"]) for image in report["images"]] == [32, 32]
 
 
+_RANDOM_WEIGHTS = ("tokred: warning: preset '{}' has random weights, so its answer is meaningless (it is for trying "
+                   "the commands and timing them); for real answers give --model with a trained checkpoint, such as "
+                   "--model llava-hf/llava-1.5-7b-hf, or --preset proxy (trained weights)")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llava_next"])
+def test_run_on_a_random_weight_preset_warns_once_that_its_answer_is_noise(
+    preset: str, capsys: pytest.CaptureFixture[str], registry: tokred.Registry,
+) -> None:
+    argv = ["run", "--preset", preset, "--method", "random", "--keep", "8", "--max-new-tokens", "1"]
+    for extra in ([], ["--json"]):
+        assert main([*argv, *extra], registry=registry) == 0
+        captured = capsys.readouterr()
+        warnings = [line for line in captured.err.splitlines() if "warning" in line]
+        assert warnings == [_RANDOM_WEIGHTS.format(preset)]
+        assert "random weights" not in captured.out  # stdout stays the answer (and the JSON parses)
+    json.loads(captured.out)
+
+
+def test_the_warning_follows_the_presets_own_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a preset warns is Preset.trained (shipped weights), not its name."""
+    import dataclasses
+    import io
+
+    from tokred.bench import PRESETS
+    from tokred.cli._output import Output
+    from tokred.cli._run import _warn_if_random
+
+    def warnings(name: str) -> str:
+        output = Output(io.StringIO(), io.StringIO())
+        _warn_if_random(name, output)
+        return output.stderr.getvalue()  # type: ignore[attr-defined]
+
+    assert PRESETS["proxy"].trained and warnings("proxy") == ""
+    assert "'llava-135m' has random weights" in warnings("llava-135m")
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(PRESETS["tiny"], loader="tokred.eval.proxy:load_proxy"))
+    assert warnings("tiny") == ""
+    assert "--preset tiny or proxy (trained weights)" in warnings("llava-135m")
+
+
 def test_run_needs_a_model_or_a_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--method", "random"]) == 2
     assert "one of the arguments --model --preset is required" in capsys.readouterr().err

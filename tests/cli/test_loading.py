@@ -4,6 +4,7 @@ do, found before the expensive part (weights, the benchmark) wherever it can be.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import transformers
 from huggingface_hub import constants, errors
 
 import tokred
-from tokred.cli import main
+from tokred.cli import _loading, main
 from tokred.cli._loading import check_keep, visual_token_counts
 
 RUN = ["run", "--method", "random", "--keep", "8", "--max-new-tokens", "2"]
@@ -98,34 +99,99 @@ def test_a_saved_model_without_processor_or_weights(saved_llava: tuple[Path, Pat
     assert "has a config.json but no weights (model.safetensors)" in error
 
 
-def _hub_failure(monkeypatch: pytest.MonkeyPatch, cause: BaseException, *, offline: bool) -> None:
-    """AutoConfig.from_pretrained fails as transformers does when the Hub lookup fails with ``cause``."""
+@pytest.fixture
+def hf_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty Hugging Face cache of the test's own (HF_HOME), online mode, and no other cache variable."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return tmp_path / "hf-home"
+
+
+def _hub_failure(monkeypatch: pytest.MonkeyPatch, cause: BaseException) -> None:
+    """The Hub answers tokred's check, then AutoConfig.from_pretrained fails as transformers does when
+    the Hub lookup fails with ``cause``."""
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from cause
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fail)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(_loading, "_hub_reachable", lambda endpoint, timeout=0.0: True)
 
 
-def test_an_unreachable_hub_says_so_and_how_to_work_offline(monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    _hub_failure(monkeypatch, errors.LocalEntryNotFoundError("no connection"), offline=False)
+def test_a_hub_failure_after_the_check_says_so_and_how_to_work_offline(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], hf_home: Path,
+) -> None:
+    _hub_failure(monkeypatch, errors.LocalEntryNotFoundError("no connection"))
     error = _one_line_error(capsys, [*RUN, "--model", "someone/some-model"])
     assert error.startswith("tokred: error: could not reach the Hugging Face Hub to download someone/some-model")
     assert "HF_HUB_OFFLINE=1 with a local path" in error
 
 
-def test_offline_mode_names_the_cache(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    _hub_failure(monkeypatch, errors.LocalEntryNotFoundError("not cached"), offline=True)
-    error = _one_line_error(capsys, [*RUN, "--model", "someone/some-model"])
-    assert "someone/some-model is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in error
-    assert "hf download someone/some-model" in error
+def _error_and_seconds(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[str, float]:
+    """The one error line of a command, checked as :func:`_one_line_error` does, and how long it took."""
+    started = time.perf_counter()
+    error = _one_line_error(capsys, argv)
+    return error, time.perf_counter() - started
 
 
-def test_a_model_missing_from_the_hub(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unreachable_hub_fails_at_once_with_one_clear_line(monkeypatch: pytest.MonkeyPatch, hf_home: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """No network (nothing listens on the endpoint): one line within seconds, not the Hub client's
+    retries (10 lines, about 30 s). The endpoint and the cache are read when the command runs."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    error, seconds = _error_and_seconds(capsys, [*RUN, "--model", "llava-hf/llava-1.5-7b-hf"])
+    assert seconds < 10
+    assert error == (
+        f"tokred: error: llava-hf/llava-1.5-7b-hf is not in the local Hugging Face cache ({hf_home / 'hub'}) and the "
+        "Hugging Face Hub (http://127.0.0.1:9) cannot be reached: download it where there is network (hf download "
+        "llava-hf/llava-1.5-7b-hf) and point HF_HOME at that cache, or pass the model's local directory")
+
+
+def test_offline_mode_set_after_import_fails_at_once_and_names_the_cache(
+    monkeypatch: pytest.MonkeyPatch, hf_home: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    def asked(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Hub client was asked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", asked)
+    monkeypatch.setattr(_loading, "_hub_reachable", asked)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # huggingface_hub read its constants long ago: the environment counts
+    error, seconds = _error_and_seconds(capsys, [*RUN, "--model", "someone/some-model"])
+    assert seconds < 10
+    assert error == (
+        f"tokred: error: someone/some-model is not in the local Hugging Face cache ({hf_home / 'hub'}) and "
+        "HF_HUB_OFFLINE is set, so the Hub is not asked: download it where there is network (hf download "
+        "someone/some-model) and point HF_HOME at that cache, or pass the model's local directory")
+
+
+def test_a_cached_model_is_read_from_the_cache_when_the_hub_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, hf_home: Path, saved_llava: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+) -> None:
+    model, image = saved_llava
+    repo = hf_home / "hub" / "models--someone--tiny-llava"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for path in model.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    started = time.perf_counter()
+    assert main([*RUN, "--model", "someone/tiny-llava", "--image", str(image), "--json"]) == 0
+    assert time.perf_counter() - started < 30
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["model"] == "someone/tiny-llava"
+    assert ("the Hugging Face Hub (http://127.0.0.1:9) cannot be reached: using the cached copy of "
+            "someone/tiny-llava") in captured.err
+    assert "Retry" not in captured.err
+
+
+def test_a_model_missing_from_the_hub(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                      hf_home: Path) -> None:
     missing = errors.RepositoryNotFoundError.__new__(errors.RepositoryNotFoundError)
     Exception.__init__(missing, "404")
-    _hub_failure(monkeypatch, missing, offline=False)
+    _hub_failure(monkeypatch, missing)
     error = _one_line_error(capsys, [*RUN, "--model", "someone/typo"])
     assert error == ("tokred: error: no such directory 'someone/typo', and no model 'someone/typo' on the Hugging Face "
                      "Hub (a private one needs hf auth login)")

@@ -10,7 +10,7 @@ import pytest
 
 import tokred
 from tokred.cli import _output, main
-from tokred.cli._output import Output, duration, plain_table
+from tokred.cli._output import Output, duration, plain_table, plain_text
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -61,6 +61,34 @@ def test_list_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     rows = [line for line in out.splitlines() if line.strip().startswith("todre ")]
     assert rows and "tokred-todre" in rows[0]
     assert "------" not in out  # rich's rule under the header, not the plain table's dashes
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_list_shows_descriptions_without_their_docstring_markup(
+    terminal: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], registry: tokred.Registry,
+) -> None:
+    monkeypatch.setattr(_output, "_is_terminal", lambda stream: terminal)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row on the terminal too
+    assert main(["list"], registry=registry) == 0
+    out = capsys.readouterr().out
+    assert "`" not in out
+    selectors = out.split("\nselectors\n")[1]
+    random = next(line for line in selectors.splitlines() if line.strip().startswith("random "))
+    assert random.rstrip().endswith("Keeps k tokens drawn uniformly without replacement.")
+    assert main(["list", "random", "--json"], registry=registry) == 0  # JSON gives the text as written
+    assert json.loads(capsys.readouterr().out)["selectors"][0]["description"] == (
+        "Keeps ``k`` tokens drawn uniformly without replacement.")
+
+
+@pytest.mark.parametrize(("text", "plain"), [
+    ("keep the ``k`` tokens at layer ``K``", "keep the k tokens at layer K"),
+    ("see :class:`~tokred.Method` and :func:`tokred.create`", "see Method and tokred.create"),
+    (":func:`the factory <tokred.create>` and `x`", "the factory and x"),
+    ("a **strong** word; keep_ratio * N stays, as does a*b", "a strong word; keep_ratio * N stays, as does a*b"),
+])
+def test_plain_text_strips_inline_markup_only(text: str, plain: str) -> None:
+    assert plain_text(text) == plain
 
 
 def test_progress_in_a_pipe_is_one_line_per_step_with_the_time_left() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,8 +65,9 @@ def test_a_misspelled_method_option_names_the_closest_and_lists_the_valid_ones(
     assert first == "tokred: error: unknown option 'tua' for method 'todre'; did you mean 'tau'?"
     assert header.strip() == "valid options of method 'todre':"
     fields = registry.entry("method", "todre").obj.model_fields
-    assert [line.split()[0] for line in options] == list(fields)
-    tau = next(line for line in options if line.split()[0] == "tau")
+    rows = [line for line in options if len(line) - len(line.lstrip()) == 4]  # not the wrapped descriptions
+    assert [line.split()[0] for line in rows] == list(fields)
+    tau = next(line for line in rows if line.split()[0] == "tau")
     assert "default 0.1" in tau and fields["tau"].description.split()[0] in tau
     assert "building preset" not in err  # refused before the model
 
@@ -86,7 +88,34 @@ def test_bench_checks_the_shared_options_against_every_method(capsys: pytest.Cap
 
 def test_a_misspelled_method_name_suggests_the_closest(capsys: pytest.CaptureFixture[str], registry: tokred.Registry) -> None:
     err = _error(capsys, ["run", "--preset", "tiny", "--method", "tdore"], registry)
-    assert err.startswith("tokred: error: unknown method 'tdore'; registered: ") and "Did you mean 'todre'?" in err
+    # The registry's own error: the command line adds nothing of its own.
+    assert err.startswith("tokred: error: unknown method 'tdore' (did you mean 'todre'?); registered: ")
+    assert err.count("did you mean") == 1 and len(err.splitlines()) == 1
+
+
+def test_the_command_line_suggests_with_the_registrys_function(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import tokred.registry
+    from tokred.cli._common import suggest
+
+    assert suggest("lsit", ["list", "run"]) == tokred.registry.suggest("lsit", ["list", "run"]) == "list"
+    monkeypatch.setattr(tokred.registry, "suggest", lambda word, candidates, cutoff=0.6: "shared")
+    assert suggest("lsit", ["list", "run"]) == "shared"
+    assert "did you mean 'shared'?" in _error(capsys, ["lsit"])
+
+
+def test_the_valid_options_of_a_misspelled_one_fit_in_100_columns(capsys: pytest.CaptureFixture[str],
+                                                                  registry: tokred.Registry) -> None:
+    err = _error(capsys, ["run", "--preset", "tiny", "--method", "fastv", "--option", "kep=3"], registry)
+    first, header, *options = err.strip().splitlines()
+    assert first == "tokred: error: unknown option 'kep' for method 'fastv'; did you mean 'keep'?"
+    assert header == "  valid options of method 'fastv':"
+    assert max(len(line) for line in options) <= 100
+    rows = [line for line in options if len(line) - len(line.lstrip()) == 4]
+    assert [line.split()[0] for line in rows] == list(registry.entry("method", "fastv").obj.model_fields)
+    spread = options.index(next(line for line in rows if line.split()[0] == "spread"))
+    column = rows[0].index("Visual tokens")  # the descriptions' column
+    assert options[spread + 1].startswith(" " * column) and options[spread + 1][column] != " "  # wrapped under it
 
 
 # ------------------------------------------------------------------------------------ lists
@@ -124,9 +153,39 @@ def test_split_list_keeps_commas_inside_fnmatch_sets() -> None:
 
 
 def test_images_take_several_paths_after_one_flag() -> None:
-    args = build_parser().parse_args(["run", "--preset", "tiny", "--method", "random", "--image", "a,1.png", "b.png",
+    args = build_parser().parse_args(["run", "--preset", "tiny", "--method", "random", "--image", "a.png", "b.png",
                                       "--image", "c.png"])
-    assert [str(p) for p in args.image] == ["a,1.png", "b.png", "c.png"]  # file names may hold commas
+    assert [str(p) for p in args.image] == ["a.png", "b.png", "c.png"]
+
+
+@pytest.mark.parametrize("argv", [["run", "--method", "random"], ["show", "--method", "random", "-o", "x.png"],
+                                  ["bench", "--methods", "random"]])
+def test_images_take_commas_as_the_other_list_flags_do(argv: list[str]) -> None:
+    command = argv[0]
+    args = build_parser().parse_args([*argv, "--preset", "tiny", "--image", "a.png,b.png",
+                                      "--image", "c.png, d.png", "e.png"])
+    assert [str(p) for p in args.image] == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert "separated by commas" in " ".join(build_parser().commands[command].format_help().split())
+
+
+def test_an_existing_file_with_a_comma_in_its_name_is_one_image(tmp_path: Path) -> None:
+    (tmp_path / "cat, dog.png").write_bytes(b"")
+    whole = str(tmp_path / "cat, dog.png")
+    args = build_parser().parse_args(["run", "--preset", "tiny", "--method", "random", "--image", whole,
+                                      f"{tmp_path / 'a.png'},{tmp_path / 'b.png'}"])
+    assert [str(p) for p in args.image] == [whole, str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+
+
+def test_images_given_with_commas_all_reach_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      registry: tokred.Registry) -> None:
+    from tokred.testing import make_image
+
+    for name in ("a.png", "b.png"):
+        make_image().save(tmp_path / name)
+    argv = ["run", "--preset", "tiny", "--method", "random", "--keep", "8", "--max-new-tokens", "1", "--json",
+            "--image", f"{tmp_path / 'a.png'},{tmp_path / 'b.png'}"]
+    assert main(argv, registry=registry) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
 
 
 def test_demo_compares_the_methods_of_a_comma_list(capsys: pytest.CaptureFixture[str], registry: tokred.Registry) -> None:

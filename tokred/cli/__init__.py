@@ -18,8 +18,9 @@
 
 :func:`main` returns an exit status instead of exiting, so it can be called in-process; every
 command takes the :class:`~tokred.Registry` to use, so tests and embedding code can pass their own.
-Errors a user can cause print one ``tokred: error: ...`` line on stderr and return 2; usage errors
-name the closest valid flag, command or choice.
+Errors a user can cause print one ``tokred: error: ...`` line on stderr (then, indented, the valid
+options where an option was wrong) and return 2; usage errors, unknown method names and unknown
+options name the closest valid one (:func:`tokred.registry.suggest`, shared with the library).
 
 Building the parser imports neither torch nor transformers (each command imports what it needs
 when it runs), so ``tokred --help`` and ``tokred COMMAND --help`` answer at once.
@@ -80,7 +81,9 @@ def main(argv: Sequence[str] | None = None, *, registry: Registry | None = None)
         output.error(str(exc), exc.details)
         return 2
     except TokredError as exc:
-        output.error(str(exc))
+        # The library's first line is the error; lines after it (the valid options) are its details.
+        message, *details = str(exc).splitlines() or [""]
+        output.error(message, [line.removeprefix("  ") for line in details])
         return 2
     except KeyboardInterrupt:
         output.stderr.write("tokred: interrupted\n")

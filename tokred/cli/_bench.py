@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._common import DEMO_PROMPT, CommandError, ListAction, add_command, number, parse_option, positive_int
 from ._loading import (
+    add_images,
     add_model_source,
     check_options,
     check_output_file,
@@ -64,8 +65,7 @@ def add_parser(commands: Any) -> None:
                         help="budgets as fractions of each image's visual tokens")
     p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                    help="an option given to every method (with --scaling: every selector); repeatable")
-    p.add_argument("--image", action="extend", nargs="+", type=Path, metavar="FILE",
-                   help="image files; several after one --image or repeated (default: one synthetic test image)")
+    add_images(p, "image files")
     p.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT", help=f"the question (default: {DEMO_PROMPT!r})")
     p.add_argument("--new-tokens", type=positive_int, default=8, metavar="N",
                    help="tokens every generate call produces, exactly (default: 8)")

@@ -8,13 +8,13 @@ cheap.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
+import os
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "CommandError", "Parser", "ListAction", "DEMO_PROMPT", "DTYPES", "positive_int", "parse_option",
-    "number", "split_list", "suggest", "add_command",
+    "number", "split_list", "split_paths", "suggest", "add_command",
 ]
 
 #: The prompt of ``demo``, and of ``run``, ``bench`` and ``show`` when none is given.
@@ -39,9 +39,12 @@ class CommandError(Exception):
 
 
 def suggest(word: str, candidates: Iterable[str], *, cutoff: float = 0.6) -> str | None:
-    """The candidate closest to ``word`` (``difflib``), or ``None`` when none is close."""
-    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=1, cutoff=cutoff)
-    return close[0] if close else None
+    """The candidate closest to ``word``, or ``None`` when none is close: the registry's
+    :func:`tokred.registry.suggest`, so that the command line and the library suggest alike. It is
+    imported on the first call (an error), not when the parser is built."""
+    from ..registry import suggest as registry_suggest
+
+    return registry_suggest(word, candidates, cutoff=cutoff)
 
 
 class Parser(argparse.ArgumentParser):
@@ -126,26 +129,37 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+def split_paths(text: str) -> list[str]:
+    """``"a.png,b.png"`` -> ``["a.png", "b.png"]``, as :func:`split_list` splits names; but a value
+    that is an existing file (a name with a comma in it, ``"cat, dog.png"``) is one path, whole."""
+    if os.path.isfile(text):
+        return [text]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 class ListAction(argparse.Action):
     """A flag that takes a list: values separated by spaces (``--keep 32 64``), by commas
     (``--keep 32,64``) or both, and repeated flags (``--keep 32 --keep 64``) add up. A given list
     replaces the default instead of extending it.
 
     Args:
-        element: converts one item (``int``, :func:`positive_int`, ``float``, ``str``); an
+        element: converts one item (``int``, :func:`positive_int`, ``float``, ``str``, ``Path``); an
             :class:`argparse.ArgumentTypeError` or ``ValueError`` it raises becomes a usage error.
+        split: cuts one value into items: :func:`split_list` (names, patterns, numbers), or
+            :func:`split_paths` for files (an existing file stays whole).
     """
 
     def __init__(self, option_strings: Sequence[str], dest: str, *, element: Callable[[str], Any] = str,
-                 nargs: str = "+", **kwargs: Any) -> None:
+                 split: Callable[[str], list[str]] = split_list, nargs: str = "+", **kwargs: Any) -> None:
         self.element = element
+        self.split = split
         super().__init__(option_strings, dest, nargs=nargs, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
         items = []
         for value in values if isinstance(values, list) else [values]:
-            for part in split_list(value):
+            for part in self.split(value):
                 try:
                     items.append(self.element(part))
                 except (argparse.ArgumentTypeError, ValueError) as exc:

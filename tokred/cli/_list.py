@@ -8,6 +8,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
 from ._common import add_command, split_list
+from ._output import plain_text
 
 if TYPE_CHECKING:
     from ..registry import Entry, Kind, Registry
@@ -32,7 +33,8 @@ def add_parser(commands: Any) -> None:
             "adapters (the supported model families), and the selectors (stage I) and gates\n"
             "(stage II) that methods are built from. Each row names the plugin and the distribution\n"
             "that provided it. Plugins that failed to load are listed at the end; the others still work.\n"
-            "In a pipe the tables are plain text, one line per row."
+            "In a pipe the tables are plain text, one line per row. Descriptions are shown without\n"
+            "their docstring markup (``k`` reads k); --json gives them as written."
         ),
         epilog=(
             "examples:\n  tokred list\n  tokred list 'to*'\n  tokred list 'fast*,rand*'\n"
@@ -75,7 +77,8 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     blocks = []
     for title, records in sections.items():
         if records:
-            rows = [[_name_with_aliases(r), _provider(r), r["description"]] for r in records]
+            # Descriptions are docstring summaries: their markup (``k``) is for the docs, not the terminal.
+            rows = [[_name_with_aliases(r), _provider(r), plain_text(r["description"])] for r in records]
             body = output.table(["name", "provided by", "description"], rows, indent=2)
         else:
             body = "  (none" + (f" matching {shown})" if patterns != ["*"] else ")")

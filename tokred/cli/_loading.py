@@ -1,10 +1,13 @@
 """Everything the commands load, checked before anything expensive happens.
 
 * methods: :func:`create_method` refuses an unknown name or option (with the closest valid one and
-  every valid option) before any model is touched;
+  every valid option, one per line) before any model is touched;
 * models: :func:`open_source` resolves ``--model`` (a directory or a Hub id) or ``--preset``, and
   turns every loading failure into one :class:`CommandError` that says what was tried and what to
-  do. A checkpoint's ``config.json`` and processor are read before its weights, so a text-only model
+  do. A Hub id that is not in the local cache fails at once when ``HF_HUB_OFFLINE`` is set or the
+  Hub does not answer a quick check (:data:`HUB_CHECK_TIMEOUT` seconds), instead of after the Hub
+  client's retries; a cached one is read from the cache when the Hub cannot be reached. A
+  checkpoint's ``config.json`` and processor are read before its weights, so a text-only model
   or an impossible ``--keep`` (:func:`check_keep`) costs no weight loading;
 * images, and output files (:func:`check_output_file`, before a long run rather than after it).
 
@@ -20,12 +23,13 @@ import os
 import re
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ._common import DTYPES, CommandError, number, parse_option, suggest
+from ._common import DTYPES, CommandError, ListAction, number, parse_option, split_paths, suggest
 from ._output import Output
 
 if TYPE_CHECKING:
@@ -33,10 +37,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..method import Method
-    from ..registry import Entry, Kind, Registry
+    from ..registry import Kind, Registry
 
 __all__ = [
-    "preset_catalogue", "add_model_source", "add_method", "method_options", "create_method", "check_options",
+    "preset_catalogue", "add_model_source", "add_method", "add_images", "method_options", "create_method", "check_options",
     "resolve_device", "open_image", "load_images", "check_output_file", "Source", "open_source", "prompt_inputs",
     "visual_token_counts", "check_keep", "video_preset", "preset_or_prompt_inputs",
 ]
@@ -121,6 +125,16 @@ def add_method(parser: argparse.ArgumentParser) -> None:
                              "'tokred list --json' shows every method's options.")
 
 
+def add_images(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--image``: files in prompt order, as other list flags take them (spaces, commas, repeated);
+    a value that is an existing file is one file, even with a comma in its name. ``what`` begins
+    the help text."""
+    parser.add_argument("--image", action=ListAction, element=Path, split=split_paths, metavar="FILE",
+                        help=f"{what}; several after one --image, separated by commas or spaces, or repeated "
+                             "(a value that is an existing file is one file, even with a comma in its name; "
+                             "default: one synthetic test image)")
+
+
 # ---------------------------------------------------------------------------- methods
 
 
@@ -140,28 +154,14 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _entry(registry: Registry, kind: Kind, name: str) -> Entry:
-    """The registry entry, or the registry's error with the closest registered name added."""
-    from ..errors import OptionsError
-
-    try:
-        return registry.entry(kind, name)
-    except OptionsError as exc:
-        entries = registry.entries(kind)
-        close = suggest(name, [n for e in entries for n in (e.name, *e.aliases)])
-        if close is None:
-            raise
-        raise CommandError(f"{' '.join(str(exc).split())} Did you mean {close!r}?") from None
-
-
 def check_options(registry: Registry, kind: Kind, name: str, options: dict[str, Any]) -> None:
     """Refuse options ``name`` does not have, suggesting the closest and listing the valid ones.
 
-    The library's own error (``registry.create``) names the valid options on one line; here each
-    unknown option gets its closest valid one, and the valid options are listed one per line with
-    their defaults and descriptions.
+    The unknown options come first, each with its closest valid one, then the valid options one per
+    line with their defaults and descriptions (:func:`tokred.registry.option_lines`, wrapped at 100
+    columns). An unknown ``name`` is the registry's error, which names the closest registered one.
     """
-    entry = _entry(registry, kind, name)
+    entry = registry.entry(kind, name)
     fields = getattr(entry.obj, "model_fields", {})
     valid = set(fields) | {f.alias for f in fields.values() if getattr(f, "alias", None)}
     unknown = [key for key in options if key not in valid]
@@ -178,17 +178,12 @@ def check_options(registry: Registry, kind: Kind, name: str, options: dict[str, 
 
 
 def _option_lines(kind: str, name: str, fields: dict[str, Any]) -> list[str]:
+    from ..registry import option_lines
+
     if not fields:
         return [f"{kind} {name!r} takes no options"]
-    rows = []
-    for option, field in fields.items():
-        default = "required" if field.is_required() else f"default {field.default!r}"
-        rows.append((option, default, " ".join((field.description or "").split())))
-    width = max(len(option) for option, _, _ in rows)
-    spread = max(len(default) for _, default, _ in rows)
-    return [f"valid options of {kind} {name!r}:"] + [
-        f"  {option.ljust(width)}  {default.ljust(spread)}  {text}".rstrip() for option, default, text in rows
-    ]
+    # Output.error indents these lines by two: the widest is 100 columns.
+    return [f"valid options of {kind} {name!r}:", *option_lines(fields, width=98)]
 
 
 def create_method(registry: Registry, name: str, options: dict[str, Any]) -> Method:
@@ -341,13 +336,17 @@ def _pretrained_source(model_id: str, dtype_name: str, attn: str, device: torch.
         raise CommandError(f"no such directory {model_id!r}, and {model_id!r} is not a Hub id (owner/name)")
     else:
         where = model_id
+    # A Hub id: fail at once when neither the cache nor the Hub has it (instead of the Hub client's
+    # retries, half a minute), and read a cached copy without asking an unreachable Hub.
+    hub: dict[str, Any] = {} if path.exists() else _hub_options(model_id, output)
 
     output.note(f"reading the configuration and processor of {model_id} ...")
-    config = _hub_call(model_id, lambda: transformers.AutoConfig.from_pretrained(where))
+    config = _hub_call(model_id, lambda: transformers.AutoConfig.from_pretrained(where, **hub))
     _check_architecture(model_id, config, registry)
     if path.is_dir():
         _check_saved_files(model_id, path)
-    processor = _hub_call(model_id, lambda: transformers.AutoProcessor.from_pretrained(where), what="processor")
+    processor = _hub_call(model_id, lambda: transformers.AutoProcessor.from_pretrained(
+        where, **hub), what="processor")
     if getattr(processor, "image_processor", None) is None or not callable(processor):
         raise CommandError(
             f"{model_id} has no image processor (preprocessor_config.json) next to its tokenizer; save the "
@@ -358,12 +357,114 @@ def _pretrained_source(model_id: str, dtype_name: str, attn: str, device: torch.
         started = time.perf_counter()
         dtype: Any = "auto" if dtype_name == "auto" else getattr(torch, dtype_name)
         model = _hub_call(model_id, lambda: transformers.AutoModelForImageTextToText.from_pretrained(
-            where, dtype=dtype, attn_implementation=attn), what="weights")
+            where, dtype=dtype, attn_implementation=attn, **hub), what="weights")
         model = model.to(device)
         output.note(f"loaded {type(model).__name__} in {time.perf_counter() - started:.1f} s")
         return model
 
     return Source(model_id, device, processor, config, load)
+
+
+#: How long the reachability check of the Hub waits for an answer, in seconds.
+HUB_CHECK_TIMEOUT = 2.5
+
+
+def _env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to a true value as huggingface_hub reads
+    them (``1``, ``ON``, ``YES``, ``TRUE``), read now rather than when huggingface_hub was imported."""
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_offline() -> str | None:
+    """The variable that forbids asking the Hub, ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``, as
+    the environment says now or as huggingface_hub read it when imported; ``None`` when online."""
+    from huggingface_hub import constants
+
+    if _env_flag("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE"
+    return "TRANSFORMERS_OFFLINE" if _env_flag("TRANSFORMERS_OFFLINE") else None
+
+
+def _hub_endpoint() -> str:
+    """The Hub's address: ``HF_ENDPOINT`` in the environment now, else https://huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _hub_cache() -> str:
+    """The directory of the Hugging Face cache, as huggingface_hub finds it, from the environment
+    now: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub``."""
+    env = os.environ
+    explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return os.path.expanduser(explicit)
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _in_cache(model_id: str, cache: str) -> bool:
+    """Whether ``cache`` holds the ``config.json`` of the Hub model ``model_id`` (its main revision)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model_id, "config.json", cache_dir=cache), str)
+    except Exception:  # a malformed id or an unreadable cache: not in it
+        return False
+
+
+def _hub_reachable(endpoint: str, timeout: float = HUB_CHECK_TIMEOUT) -> bool:
+    """Whether the Hub at ``endpoint`` answers a HEAD request (any status) within about ``timeout``
+    seconds, through huggingface_hub's own HTTP client (its proxies and certificates). The request
+    runs in a thread that is given up on after the timeout, so a name lookup that hangs (which no
+    socket timeout bounds) does not hold the command."""
+    from huggingface_hub.utils import get_session
+
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            answered.append(True)
+        except Exception:  # refused, timed out, no such host, no route: not reachable
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="tokred-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answered and answered[0])
+
+
+def _not_cached(model_id: str, cache: str, why: str) -> str:
+    """The error of a Hub model that is not in the local cache and cannot be downloaded (``why``)."""
+    return (f"{model_id} is not in the local Hugging Face cache ({cache}) and {why}: download it where there is "
+            f"network (hf download {model_id}) and point HF_HOME at that cache, or pass the model's local directory")
+
+
+def _hub_options(model_id: str, output: Output) -> dict[str, Any]:
+    """The ``from_pretrained`` keywords of the Hub model ``model_id``: the cache found now
+    (``cache_dir``), and whether to read it only (``local_files_only``: offline, or the Hub does not
+    answer). Raises :class:`CommandError` at once when the model is not in the cache either. Offline
+    mode, the endpoint and the cache are read from the environment now, not when transformers was
+    imported."""
+    cache = _hub_cache()
+    return {"cache_dir": cache, "local_files_only": _cache_only(model_id, cache, output)}
+
+
+def _cache_only(model_id: str, cache: str, output: Output) -> bool:
+    """Whether ``model_id`` is to be read from ``cache`` only; see :func:`_hub_options`."""
+    cached = _in_cache(model_id, cache)
+    offline = _hub_offline()
+    if offline is not None:
+        if not cached:
+            raise CommandError(_not_cached(model_id, cache, f"{offline} is set, so the Hub is not asked"))
+        return True
+    endpoint = _hub_endpoint()
+    if _hub_reachable(endpoint):
+        return False
+    if not cached:
+        raise CommandError(_not_cached(model_id, cache, f"the Hugging Face Hub ({endpoint}) cannot be reached"))
+    output.note(f"the Hugging Face Hub ({endpoint}) cannot be reached: using the cached copy of {model_id}")
+    return True
 
 
 def _check_saved_files(model_id: str, path: Path) -> None:
@@ -413,7 +514,7 @@ def _hub_call(model_id: str, load: Callable[[], Any], *, what: str = "configurat
 
 def _loading_failure(model_id: str, exc: BaseException, what: str) -> str:
     """What went wrong when loading ``model_id``'s ``what``, and what to do about it."""
-    from huggingface_hub import constants, errors
+    from huggingface_hub import errors
 
     causes = _causes(exc)
     local = Path(model_id).expanduser().is_dir()
@@ -430,9 +531,9 @@ def _loading_failure(model_id: str, exc: BaseException, what: str) -> str:
     if caused_by(errors.HFValidationError):
         return f"no such directory {model_id!r}, and {model_id!r} is not a Hub id (owner/name)"
     if (not local and caused_by(errors.LocalEntryNotFoundError)) or _is_connection_error(causes):
-        if constants.HF_HUB_OFFLINE:
-            return (f"{model_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
-                    f"once with network access (hf download {model_id}), or pass a local directory")
+        offline = _hub_offline()
+        if offline is not None:
+            return _not_cached(model_id, _hub_cache(), f"{offline} is set, so the Hub is not asked")
         return (f"could not reach the Hugging Face Hub to download {model_id} (and it is not in the local cache): "
                 "check the network or proxy, or download the model elsewhere and pass its local directory; "
                 "HF_HUB_OFFLINE=1 with a local path skips the Hub")

@@ -19,12 +19,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import time
 from types import TracebackType
 from typing import Any, Collection, Sequence, TextIO
 
-__all__ = ["Output", "Progress", "plain_table", "duration"]
+__all__ = ["Output", "Progress", "plain_table", "duration", "plain_text"]
 
 
 def _is_terminal(stream: TextIO) -> bool:
@@ -38,6 +39,27 @@ def _width() -> int:
     """The terminal's columns (``COLUMNS`` first, as ``shutil`` reads them); 100 when unknown or 0."""
     columns = shutil.get_terminal_size(fallback=(100, 24)).columns
     return columns if columns >= 20 else 100
+
+
+# reStructuredText and Markdown markup of docstrings, shown as plain text (see plain_text).
+_ROLE = re.compile(r":[\w.:-]+:`(?:~?([^`<]*?)\s*<[^>`]*>|~([^`]*\.)?([^`.]+)|([^`]*))`")
+_LITERAL = re.compile(r"``(.+?)``")
+_CODE = re.compile(r"`([^`]+)`")
+_STRONG = re.compile(r"\*\*(\S(?:.*?\S)?)\*\*")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without the inline markup of docstrings, for the terminal.
+
+    Literals in double or single backquotes become their text; a reStructuredText role becomes its
+    target (``:func:`tokred.create``` reads ``tokred.create``), its last part after ``~``
+    (``:class:`~tokred.Method``` reads ``Method``) or its title (``:func:`title <target>```); strong
+    emphasis in double asterisks becomes its text. A lone ``*`` (``ratio * N``) stays.
+    """
+    text = _ROLE.sub(lambda m: m.group(1) or m.group(3) or m.group(4) or "", text)
+    text = _LITERAL.sub(r"\1", text)
+    text = _CODE.sub(r"\1", text)
+    return _STRONG.sub(r"\1", text)
 
 
 class Output:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._common import DEMO_PROMPT, add_command, positive_int
 from ._loading import (
+    add_images,
     add_method,
     add_model_source,
     check_keep,
@@ -37,7 +37,8 @@ def add_parser(commands: Any) -> None:
             "answer and the run report (visual tokens per decoder layer, time spent selecting).\n"
             "Method options, the checkpoint's configuration and processor, and --keep against each\n"
             "image's visual tokens are checked before the weights are loaded. Budgets are per image:\n"
-            "--keep 64 on two images keeps 64 of each."
+            "--keep 64 on two images keeps 64 of each. A random-weight preset answers noise: run warns\n"
+            "so on stderr."
         ),
         epilog=(
             "examples:\n"
@@ -51,9 +52,7 @@ def add_parser(commands: Any) -> None:
     )
     add_model_source(p, required=True)
     add_method(p)
-    p.add_argument("--image", action="extend", nargs="+", type=Path, metavar="FILE",
-                   help="image files, in prompt order (before the text); several after one --image or "
-                        "repeated (default: one synthetic test image)")
+    add_images(p, "image files, in prompt order (before the text)")
     p.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT",
                    help=f"the question or instruction (default: {DEMO_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N",
@@ -85,6 +84,8 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     output.note(f"generated {generated.shape[1] - prompt_length} tokens in {time.perf_counter() - started:.1f} s")
 
     answer = source.processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)[0].strip()
+    if args.preset:
+        _warn_if_random(args.preset, output)
     if args.json:
         output.json({
             "model": source.name, "preset": bool(args.preset), "method": args.method,
@@ -94,3 +95,18 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     else:
         output.print(f"{answer}\n\n{run.report.summary()}")
     return 0
+
+
+def _warn_if_random(name: str, output: Output) -> None:
+    """One warning, just above the answer, when the preset ``name`` has random weights
+    (:attr:`tokred.bench.Preset.trained` is false): its answer is noise, not a bug of the method."""
+    from ..bench import PRESETS
+
+    preset = PRESETS[name]
+    if preset.trained:
+        return
+    trained = [p.name for p in PRESETS.values() if p.trained]
+    alternative = f", or --preset {' or '.join(trained)} (trained weights)" if trained else ""
+    output.warn(f"preset {name!r} has random weights, so its answer is meaningless (it is for trying the commands "
+                f"and timing them); for real answers give --model with a trained checkpoint, such as "
+                f"--model llava-hf/llava-1.5-7b-hf{alternative}")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._common import DEMO_PROMPT, CommandError, add_command
 from ._loading import (
+    add_images,
     add_method,
     add_model_source,
     check_keep,
@@ -49,8 +50,7 @@ def add_parser(commands: Any) -> None:
     )
     add_model_source(p, required=True)
     add_method(p)
-    p.add_argument("--image", action="extend", nargs="+", type=Path, metavar="FILE",
-                   help="image files; several after one --image or repeated (default: one synthetic test image)")
+    add_images(p, "image files")
     p.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT",
                    help=f"the question; attention-guided methods depend on it (default: {DEMO_PROMPT!r})")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="the PNG file to write")
