@@ -8,6 +8,40 @@ import pytest
 
 from tokred.testing import tiny_inputs, tiny_model
 
+#: The parameters of a conformance-matrix test (tests/test_conformance.py, tests/test_conformance_video.py).
+_MATRIX = ("method", "family", "attn_implementation", "prop")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--conformance-stratum", choices=("all", "half"), default="all",
+        help="'half' runs half of the conformance matrices, chosen so that every (method, family, property) "
+             "still runs once (with one of the two attention implementations) and every (family, attention "
+             "implementation, property) with half of the methods: what .ci/run uses on the oldest transformers, "
+             "the full matrix running on the newest",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("conformance_stratum") != "half":
+        return
+    # Number each parameter's values in the order they are collected (methods, families,
+    # implementations and properties are parametrized in a fixed order).
+    numbers: dict[str, dict[object, int]] = {name: {} for name in _MATRIX}
+    kept, deselected = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is None or not set(_MATRIX) <= set(spec.params):
+            kept.append(item)
+            continue
+        index = {name: numbers[name].setdefault(spec.params[name], len(numbers[name])) for name in _MATRIX}
+        in_stratum = (index["method"] + index["family"] + index["prop"]) % 2 == index["attn_implementation"]
+        (kept if in_stratum else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
 PROMPT = "What is shown in this image?"
 LONG_PROMPT = "Describe the picture in detail please, with the colours of every shape."
 

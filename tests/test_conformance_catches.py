@@ -4,6 +4,7 @@ property (or runtime contract) that must refuse it. Only the tiny LLaVA with ``s
 from __future__ import annotations
 
 import importlib.metadata
+import time
 import types
 from typing import Any, ClassVar
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 import tokred
 from tokred import BudgetOptions, Gate, GateStage, Method, MethodContractError, Schedule, Selection, Selector, SelectorStage
-from tokred.testing import CHECKS, ConformanceError, check_method, conformance_cases, parametrize_with_checks
+from tokred.testing import CHECKS, ConformanceError, check_method, checks_for, conformance_cases, parametrize_with_checks
 from tokred.testing._checks import Case
 
 FAST = {"families": ["llava"], "attn_implementations": ("sdpa",)}
@@ -77,6 +78,19 @@ class LeakyHookSelector(Selector):
         return torch.arange(k)
 
 
+class SharedScratchSelector(Selector):
+    """Keeps the largest-norm tokens, but parks the image's features on the instance and reads them
+    back after a pause (a scratch buffer reused across calls): two threads selecting at once rank
+    the other thread's image."""
+
+    scratch: ClassVar[dict[str, torch.Tensor]] = {}
+
+    def select(self, tokens, k):  # type: ignore[no-untyped-def]
+        self.scratch["features"] = tokens.features
+        time.sleep(0.2)  # the other thread's prefill reaches its selection meanwhile
+        return self.scratch["features"][: tokens.num_tokens].norm(dim=-1).topk(k).indices
+
+
 def _method(selector: type[Selector]) -> type[Method]:
     class _Broken(BudgetOptions, Method):
         """A deliberately broken method (tests only)."""
@@ -102,6 +116,7 @@ BROKEN_METHODS: dict[str, type[Method]] = {
     "broken_leaky_hook": _method(LeakyHookSelector),
     "broken_drifting_features": _method(DriftingFeaturesSelector),
     "broken_in_place_gate": InPlaceGateMethod,
+    "broken_shared_scratch": _method(SharedScratchSelector),
 }
 
 
@@ -165,6 +180,16 @@ def test_in_place_gate_cannot_break_cache_consistency(registry: tokred.Registry)
     check_method("broken_in_place_gate", registry=registry, checks=["cache_consistency"], **FAST)
 
 
+def test_state_shared_between_calls_is_caught_by_concurrent_calls(registry: tokred.Registry) -> None:
+    with pytest.raises(ConformanceError, match=r"^\[concurrent_calls\].*(generated|keeps other tokens)"):
+        check_method("broken_shared_scratch", registry=registry, checks=["concurrent_calls"], **FAST)
+
+
+def test_the_same_selector_called_sequentially_passes(registry: tokred.Registry) -> None:
+    # Control for the test above: one call at a time, the scratch buffer always holds its own image.
+    check_method("broken_shared_scratch", registry=registry, checks=["cache_consistency", "batch_invariance"], **FAST)
+
+
 def test_leaked_hook_is_caught_by_cleanup(registry: tokred.Registry) -> None:
     # A selector sees only VisualTokens, never the model, so it leaks a hook only through a
     # reference it holds. We give it one: a Case whose model is the one the selector reaches,
@@ -205,7 +230,10 @@ _XFAIL_REGISTRY = tokred.Registry(entry_points=list(importlib.metadata.entry_poi
     ["broken_unseeded"], **FAST, registry=_XFAIL_REGISTRY,
     xfail={("broken_unseeded", "determinism_and_cleanup"): "draws without a seed",
            "batch_invariance": "a fresh draw per prompt differs between batch and alone",
-           "cache_free_generation": "every cache-free step draws anew, unlike a fresh run on its prefix"},
+           "cache_free_generation": "every cache-free step draws anew, unlike a fresh run on its prefix",
+           "concurrent_calls": "each call draws anew, unlike the same call made alone",
+           "beam_search": "each beam's copy of the image draws anew, so beams that trade rows see other tokens",
+           "degenerate_images": "a fresh draw per prompt differs between batch and alone"},
 )
 def test_parametrize_with_checks_marks_known_failures(case: Case, check: Any) -> None:
     check(case)
@@ -215,7 +243,8 @@ def test_parametrize_with_checks_ids_and_marks() -> None:
     mark = parametrize_with_checks(["random"], **FAST, xfail={"cache_consistency": "why"})
     params = mark.args[1]
     assert mark.args[0] == "case, check"
-    assert [p.id for p in params] == [f"random-llava-sdpa-{prop}" for prop in CHECKS]
+    assert [p.id for p in params] == [f"random-llava-sdpa-{prop}" for prop in checks_for("image")]
+    assert "video_without_processor" not in checks_for("image") and "degenerate_images" not in checks_for("video")
     marked = {p.id: p.marks for p in params if p.marks}
     assert list(marked) == ["random-llava-sdpa-cache_consistency"]
     [xfail] = marked["random-llava-sdpa-cache_consistency"]

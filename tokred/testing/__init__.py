@@ -7,9 +7,12 @@ property (see :mod:`tokred.testing._checks`) on every registered adapter that ha
 
 from ._checks import (
     CHECKS,
+    DEGENERATE_SIZES,
     ConformanceError,
+    NotApplicable,
     Refusal,
     check_method,
+    checks_for,
     conformance_cases,
     parametrize_with_checks,
     tiny_inputs,
@@ -22,5 +25,6 @@ from ._video import make_video
 __all__ = [
     "FAMILIES", "VIDEO_FAMILIES", "VIDEO_ADAPTER_OPTIONS", "make_image", "make_video", "tiny_model", "tiny_inputs",
     "tiny_video_inputs", "make_visual_tokens", "make_gate_state",
-    "CHECKS", "ConformanceError", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
+    "CHECKS", "DEGENERATE_SIZES", "ConformanceError", "NotApplicable", "Refusal", "check_method", "checks_for",
+    "conformance_cases", "parametrize_with_checks",
 ]

@@ -21,7 +21,25 @@ The properties (DESIGN.md section 6):
    is a prefill that decides afresh on the longer sequence, so each generated token is what a fresh
    run on that prefix predicts, and a method without gates whose selector does not read the text
    (no ``"instruction_embeddings"`` in its ``inputs``: its decisions see only the images)
-   generates exactly what it generates with the cache.
+   generates exactly what it generates with the cache;
+8. ``concurrent_calls``: two threads generating at once on one applied model get, each, what the
+   same calls give one after the other (tokens and kept indices): a run's state belongs to the
+   calling thread;
+9. ``beam_search``: ``generate(num_beams=2, num_return_sequences=2)`` with the cache equals the
+   cache-free recomputation of the same decisions; it does not apply where the unmodified model's
+   own beams differ with and without a cache (InternVL on transformers 5.17), nor where the run
+   refuses beams with a :class:`~tokred.RuntimeStateError` naming ``num_beams`` (a selector reading
+   [CLS] attention when ``generate`` encodes each image once);
+10. ``degenerate_images`` (images): 1x1, 1:100 and 100:1 images, each where the family's processor
+    and the unmodified model take it: nothing dropped gives the unmodified logits, and with tokens
+    dropped cached ``generate`` equals the frozen recomputation and a batch of them equals each alone;
+11. ``video_without_processor`` (videos): video inputs assembled by hand, as a program feeding
+    decoded frames without the processor does (:func:`~tokred.testing.processor_free_video_inputs`):
+    keep-everything gives the unmodified logits and cached ``generate`` equals the frozen recomputation.
+
+A property may **not apply** to a case (the unmodified model lacks it, or the run refuses the
+input clearly, or the family's processor refuses a degenerate shape): the check then returns why,
+as it does for a refused method.
 
 A method may be **refused** on a family: ``tokred.apply`` raises :class:`~tokred.ScheduleError`
 before any model call (VisionZip needs the vision keys of a [CLS]-attention layer, which Qwen-VL's
@@ -34,21 +52,23 @@ those tests skipped with the message.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..errors import BudgetError, OptionsError, ScheduleError, TokredError
+from .. import compat
+from ..errors import BudgetError, OptionsError, RuntimeStateError, ScheduleError, TokredError
 from ..method import Method
 from ..registry import Registry, default_registry
 from ..runtime import apply
 from ._tiny import FAMILIES, VIDEO_ADAPTER_OPTIONS, VIDEO_FAMILIES, make_image, tiny_model
 from ._video import make_video
 
-__all__ = ["ConformanceError", "CHECKS", "Refusal", "check_method", "conformance_cases", "parametrize_with_checks",
-           "tiny_inputs", "tiny_video_inputs"]
+__all__ = ["ConformanceError", "CHECKS", "DEGENERATE_SIZES", "NotApplicable", "Refusal", "check_method", "checks_for",
+           "conformance_cases", "parametrize_with_checks", "tiny_inputs", "tiny_video_inputs"]
 
 _ATOL = 1e-5
 # Padding changes the summation order inside the kernels. Measured on the tiny models: up to 3e-5 for
@@ -59,6 +79,11 @@ _BATCH_ATOL = 2e-4
 
 class ConformanceError(AssertionError):
     """A method broke a conformance property; the message names the property and the case."""
+
+
+class NotApplicable(Exception):
+    """Raised inside a check when its property does not apply to the case (the unmodified model
+    lacks it, or the run refuses the input clearly); the check then returns the reason."""
 
 
 @dataclass(frozen=True)
@@ -126,18 +151,22 @@ class Case:
 
 
 def tiny_inputs(processor: Any, prompts: Sequence[str], images_per_prompt: int = 1, *,
-                first_prompt: int = 0) -> dict[str, torch.Tensor]:
+                first_prompt: int = 0, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Processor inputs for ``prompts`` (each with ``images_per_prompt`` synthetic images), built
     through the processor's own chat template and left-padded.
 
     Prompt ``i`` gets the images seeded ``10 * (first_prompt + i) + j``, so
     ``tiny_inputs(processor, [prompts[i]], first_prompt=i)`` reproduces prompt ``i`` of a batch alone,
-    images included, whatever layout the model's pixel values have."""
+    images included, whatever layout the model's pixel values have. ``sizes``: ``(width, height)``
+    of each prompt's images (default 336 x 336)."""
+    if sizes is not None and len(sizes) != len(prompts):
+        raise OptionsError(f"sizes names {len(sizes)} image sizes for {len(prompts)} prompts")
     texts, images = [], []
     for i, prompt in enumerate(prompts, start=first_prompt):
         content = [{"type": "image"}] * images_per_prompt + [{"type": "text", "text": prompt}]
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        images += [make_image(seed=10 * i + j) for j in range(images_per_prompt)]
+        width, height = sizes[i - first_prompt] if sizes is not None else (336, 336)
+        images += [make_image(width, height, seed=10 * i + j) for j in range(images_per_prompt)]
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
     if images:
         kwargs["images"] = images
@@ -434,6 +463,161 @@ def check_cache_free_generation(case: Case) -> None:
                             f"{recomputed[0, length:].tolist()} but with cache {cached[0, length:].tolist()}")
 
 
+def check_concurrent_calls(case: Case) -> None:
+    """Property 8: two threads generating at once on one applied model each get what the same calls
+    give one after the other: the same tokens, and their own run report's kept indices."""
+    model, processor = case.model()
+    prompts = [case.inputs(processor, [prompt], first_prompt=i) for i, prompt in enumerate(_PROMPTS)]
+    with case.apply(model, case.method) as run:
+        expected = []
+        for inputs in prompts:
+            expected.append((_generate(model, inputs), run.report.kept_indices))
+        start = threading.Barrier(len(prompts))
+        results: dict[int, list[tuple[torch.Tensor, Any]]] = {i: [] for i in range(len(prompts))}
+        errors: list[str] = []
+
+        def work(i: int) -> None:
+            try:
+                start.wait(timeout=60)
+                for _ in range(2):
+                    results[i].append((_generate(model, prompts[i]), run.report.kept_indices))
+            except BaseException as exc:  # reported below: a thread's exception must fail the check
+                errors.append(f"thread {i}: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=work, args=(i,), name=f"tokred-conformance-{i}") for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise case.fail("concurrent_calls", "; ".join(errors))
+    for i, ((tokens, kept), got) in enumerate(zip(expected, results.values())):
+        for call, (got_tokens, got_kept) in enumerate(got):
+            if not torch.equal(got_tokens, tokens):
+                raise case.fail("concurrent_calls", f"thread {i} call {call} generated {got_tokens[0, -6:].tolist()}, "
+                                f"alone {tokens[0, -6:].tolist()}")
+            if got_kept != kept:
+                raise case.fail("concurrent_calls", f"thread {i} call {call}: its run report keeps other tokens than alone")
+
+
+#: What the unmodified tiny model does, per (family, attention implementation, modality): the same
+#: for every method, so computed once per process (the tiny models are built from a fixed seed).
+_UNMODIFIED: dict[tuple[str, str, str, str], Any] = {}
+
+
+def _unmodified(case: Case, what: str, compute: Callable[[], Any]) -> Any:
+    key = (case.family, case.attn_implementation, case.modality, what)
+    if key not in _UNMODIFIED:
+        _UNMODIFIED[key] = compute()
+    return _UNMODIFIED[key]
+
+
+_BEAMS = {"num_beams": 2, "num_return_sequences": 2}
+
+
+def check_beam_search(case: Case) -> None:
+    """Property 9: beam search with the cache equals the cache-free recomputation of the same
+    decisions (every beam's cache rows carry their own key masks through the reorderings)."""
+    model, processor = case.model()
+    inputs = case.inputs(processor, _PROMPTS[:1])
+    agree = _unmodified(case, "beams", lambda: torch.equal(_generate(model, inputs, **_BEAMS),
+                                                           _generate(model, inputs, use_cache=False, **_BEAMS)))
+    if not agree:
+        raise NotApplicable(f"on transformers {compat.transformers_version()} the unmodified {case.family} model's "
+                            "beams differ with and without a cache")
+    with case.apply(model, case.method) as run:
+        try:
+            cached = _generate(model, inputs, **_BEAMS)
+        except RuntimeStateError as exc:
+            if "num_beams" not in str(exc):
+                raise
+            raise NotApplicable(f"the run refuses beam search: {exc}") from exc
+        with run.frozen():
+            recomputed = _generate(model, inputs, use_cache=False, **_BEAMS)
+    if not torch.equal(cached, recomputed):
+        raise case.fail("beam_search", f"beams with cache {cached[:, -6:].tolist()}, recomputed without cache "
+                        f"{recomputed[:, -6:].tolist()}")
+
+
+#: ``(width, height)`` of the degenerate images: one pixel, 1:100 and 100:1.
+DEGENERATE_SIZES: tuple[tuple[int, int], ...] = ((1, 1), (3, 300), (300, 3))
+
+
+def _accepted_sizes(model: nn.Module, processor: Any) -> tuple[list[tuple[int, int]], list[str]]:
+    """The degenerate sizes the processor and the unmodified model take, and why the others failed."""
+    sizes, refused = [], []
+    for size in DEGENERATE_SIZES:
+        try:
+            _logits(model, tiny_inputs(processor, _PROMPTS[:1], sizes=[size]))
+        except Exception as exc:  # the processor or the unmodified model refuses it: not tokred's to handle
+            refused.append(f"{size[0]}x{size[1]} ({type(exc).__name__}: {str(exc)[:120]})")
+        else:
+            sizes.append(size)
+    return sizes, refused
+
+
+def check_degenerate_images(case: Case) -> None:
+    """Property 10: 1x1, 1:100 and 100:1 images (each where the family's processor and the
+    unmodified model take it) keep the other properties: nothing dropped gives the unmodified
+    logits; with tokens dropped, cached generation equals the frozen recomputation, and a batch of
+    them keeps the same tokens and generates the same answers as each alone."""
+    model, processor = case.model()
+    sizes, refused = _unmodified(case, "degenerate sizes", lambda: _accepted_sizes(model, processor))
+    if not sizes:
+        raise NotApplicable(f"the unmodified {case.family} model refuses every degenerate image: {'; '.join(refused)}")
+    prompts = [_PROMPTS[i % len(_PROMPTS)] for i in range(len(sizes))]
+    batch = tiny_inputs(processor, prompts, sizes=sizes)
+    expected = _unmodified(case, "degenerate logits", lambda: _logits(model, batch))
+    with case.apply(model, case.method.keep_everything()):
+        got = _logits(model, batch)
+    diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    if diff > _ATOL:
+        raise case.fail("degenerate_images", f"keeping everything on {sizes} changes the logits by {diff:.3g}")
+    with case.apply(model, case.method) as run:
+        cached = _generate(model, batch)
+        batch_kept = run.report.kept_indices
+        with run.frozen():
+            recomputed = _generate(model, batch, use_cache=False)
+        if not torch.equal(cached, recomputed):
+            raise case.fail("degenerate_images", f"images {sizes}: generate with cache gave {cached[:, -6:].tolist()}, "
+                            f"recomputation without cache {recomputed[:, -6:].tolist()}")
+        answers = _answers(model, batch, cached)
+        for i, size in enumerate(sizes):
+            alone = tiny_inputs(processor, [prompts[i]], first_prompt=i, sizes=[size])
+            alone_answer = _answers(model, alone, _generate(model, alone))[0]
+            if run.report.kept_indices[0] != batch_kept[i]:
+                raise case.fail("degenerate_images", f"a {size[0]}x{size[1]} image keeps different tokens in a batch than alone")
+            if alone_answer != answers[i]:
+                raise case.fail("degenerate_images", f"a {size[0]}x{size[1]} image generates {alone_answer} alone but "
+                                f"{answers[i]} in a batch")
+
+
+def check_video_without_processor(case: Case) -> None:
+    """Property 11: video inputs assembled by hand (:func:`~tokred.testing.processor_free_video_inputs`)
+    behave as the processor's: keep-everything gives the unmodified logits, and cached generation
+    equals the frozen recomputation."""
+    from ._video import processor_free_video_inputs  # noqa: PLC0415
+
+    model, processor = case.model()
+    try:
+        inputs = processor_free_video_inputs(model, processor, _PROMPTS[:1])
+    except NotImplementedError as exc:
+        raise NotApplicable(str(exc)) from exc
+    expected = _logits(model, inputs)
+    with case.apply(model, case.method.keep_everything()):
+        got = _logits(model, inputs)
+    diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    if diff > _ATOL:
+        raise case.fail("video_without_processor", f"keeping everything changes the logits by {diff:.3g}")
+    with case.apply(model, case.method) as run:
+        cached = _generate(model, inputs)
+        with run.frozen():
+            recomputed = _generate(model, inputs, use_cache=False)
+    if not torch.equal(cached, recomputed):
+        raise case.fail("video_without_processor", f"generate with cache gave {cached[0, -6:].tolist()}, "
+                        f"recomputation without cache {recomputed[0, -6:].tolist()}")
+
+
 def _extended(inputs: dict[str, torch.Tensor], new_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """``inputs`` followed by the text tokens ``new_ids`` ``[B, n]``: every per-position input
     (``[B, L]`` like ``input_ids``: the attention mask, Qwen's ``mm_token_type_ids``) grows too, with
@@ -453,12 +637,16 @@ def _fixed_tokens(case: Case, model: nn.Module) -> int | None:
 
 def _unless_refused(check: Callable[[Case], None]) -> Callable[[Case], str | None]:
     """``check`` run only where the method is accepted; on a family that refuses it, the
-    refusal's message is returned instead (see :meth:`Case.refusal`)."""
+    refusal's message is returned instead (see :meth:`Case.refusal`), and where the property does
+    not apply to the case (:class:`NotApplicable`), why not."""
     def run(case: Case) -> str | None:
         refusal = case.refusal()
         if refusal is not None:
-            return refusal
-        check(case)
+            return f"tokred.apply refuses {case.name} on {case.family}: {refusal}"
+        try:
+            check(case)
+        except NotApplicable as exc:
+            return f"{check.__name__.removeprefix('check_')} does not apply to {case.name} on {case.family}: {exc}"
         return None
 
     run.__name__ = check.__name__
@@ -467,9 +655,10 @@ def _unless_refused(check: Callable[[Case], None]) -> Callable[[Case], str | Non
     return run
 
 
-#: Property name -> check function, in the order of DESIGN.md section 6 (and tokred's seventh).
-#: Each returns ``None`` when the property holds, or the refusal's message where ``tokred.apply``
-#: refuses the method on the case's family, and raises :class:`ConformanceError` otherwise.
+#: Property name -> check function, in the order of DESIGN.md section 6 (then tokred's own).
+#: Each returns ``None`` when the property holds, or why it did not run (``tokred.apply`` refuses
+#: the method on the case's family, or the property does not apply to the case), and raises
+#: :class:`ConformanceError` otherwise.
 CHECKS: dict[str, Callable[[Case], str | None]] = {
     "keep_everything": _unless_refused(check_keep_everything),
     "cache_consistency": _unless_refused(check_cache_consistency),
@@ -478,16 +667,33 @@ CHECKS: dict[str, Callable[[Case], str | None]] = {
     "determinism_and_cleanup": _unless_refused(check_determinism_and_cleanup),
     "text_only_and_errors": _unless_refused(check_text_only_and_errors),
     "cache_free_generation": _unless_refused(check_cache_free_generation),
+    "concurrent_calls": _unless_refused(check_concurrent_calls),
+    "beam_search": _unless_refused(check_beam_search),
+    "degenerate_images": _unless_refused(check_degenerate_images),
+    "video_without_processor": _unless_refused(check_video_without_processor),
 }
+
+#: Properties about one modality's inputs; every other property runs on both.
+_MODALITY_OF_CHECK: dict[str, str] = {"degenerate_images": "image", "video_without_processor": "video"}
+
+
+def checks_for(modality: str = "image") -> list[str]:
+    """The properties checked on ``modality`` (``"image"`` or ``"video"``) prompts, in order."""
+    if modality not in ("image", "video"):
+        raise OptionsError(f"modality must be 'image' or 'video', got {modality!r}")
+    return [name for name in CHECKS if _MODALITY_OF_CHECK.get(name, modality) == modality]
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """A case :func:`check_method` did not run because ``tokred.apply`` refused the method there."""
+    """A case :func:`check_method` did not run: ``tokred.apply`` refused the method there
+    (``check`` is ``None``), or property ``check`` does not apply to the case (e.g. the unmodified
+    model's own beams differ with and without a cache)."""
 
     family: str
     attn_implementation: str
     message: str
+    check: str | None = None
 
 
 def conformance_cases(
@@ -544,13 +750,14 @@ def check_method(
 
     Returns:
         The cases ``tokred.apply`` refused (a :class:`~tokred.ScheduleError` before any model call,
-        e.g. a required selector input the family cannot provide), one :class:`Refusal` each; empty
-        when the method runs on every family checked.
+        e.g. a required selector input the family cannot provide), one :class:`Refusal` each, and
+        the (case, property) pairs where a property does not apply (``Refusal.check`` names it);
+        empty when every property ran on every family checked.
     """
-    selected = list(CHECKS) if checks is None else list(checks)
-    unknown = sorted(set(selected) - set(CHECKS))
+    selected = checks_for(modality) if checks is None else list(checks)
+    unknown = sorted(set(selected) - set(checks_for(modality)))
     if unknown:
-        raise OptionsError(f"unknown checks {unknown}; valid: {list(CHECKS)}")
+        raise OptionsError(f"unknown checks {unknown} for {modality}s; valid: {checks_for(modality)}")
     refused = []
     for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
         refusal = case.refusal()
@@ -558,7 +765,9 @@ def check_method(
             refused.append(Refusal(case.family, case.attn_implementation, refusal))
             continue
         for prop in selected:
-            CHECKS[prop](case)
+            reason = CHECKS[prop](case)
+            if reason is not None:
+                refused.append(Refusal(case.family, case.attn_implementation, reason, prop))
     return refused
 
 
@@ -591,18 +800,20 @@ def parametrize_with_checks(
     unknown = sorted({key if isinstance(key, str) else key[1] for key in xfail} - set(CHECKS))
     if unknown:
         raise OptionsError(f"xfail names unknown checks {unknown}; valid: {list(CHECKS)}")
+
     def skipping_refusals(check: Callable[[Case], str | None]) -> Callable[[Case], None]:
         def run(case: Case) -> None:
-            refusal = check(case)
-            if refusal is not None:
-                pytest.skip(f"tokred.apply refuses {case.name} on {case.family}: {refusal}")
+            reason = check(case)
+            if reason is not None:
+                pytest.skip(reason)
 
         return run
 
     params = []
     for method in methods:
         for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
-            for prop, check in CHECKS.items():
+            for prop in checks_for(modality):
+                check = CHECKS[prop]
                 reason = xfail.get((case.name, prop), xfail.get(prop))
                 marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason is not None else []
                 ident = f"{case.name}-{case.family}-{case.attn_implementation}-{prop}" + ("-video" if modality == "video" else "")
