@@ -62,8 +62,9 @@ def onevision_image_layout(side: int, grid: tuple[int, int] | None) -> ImageLayo
     Args:
         side: tokens per side of the base view (``s``).
         grid: ``(rows, cols)`` of the unpadded, possibly downsampled tile grid (a newline after each
-            row), or ``None`` for an image without tiles (multi-image prompts: one newline after the
-            base view).
+            row; ``(0, 0)`` for a sliver unpadded to no row, ``(rows, 0)`` to rows of nothing but
+            their newline), or ``None`` for an image without tiles (multi-image prompts: one newline
+            after the base view).
     """
     import torch
 
@@ -145,7 +146,10 @@ class LlavaOnevisionAdapter(Adapter):
             vision_aspect_ratio=aspect_ratio)
         body = packed[0][side * side:, 0]
         rows = int(body.sum())
-        return rows, body.numel() // rows - 1
+        # A wide sliver (e.g. 2000 x 3 px) unpads to no row (unpad_image rounds the kept height down):
+        # no newline either, the image is its base view. (0, 0) as under generate, where the
+        # width leaves no trace.
+        return (rows, body.numel() // rows - 1) if rows else (0, 0)
 
     def _image_layouts(self, inputs: Mapping[str, Any]) -> list[ImageLayout]:
         """Every image's layout (newlines included), in encoder order."""
@@ -173,6 +177,9 @@ class LlavaOnevisionAdapter(Adapter):
             rows = int(is_newline.sum())
             if body.shape[0] == 1 and rows == 1:
                 layouts.append(onevision_image_layout(side, None))
+                continue
+            if body.shape[0] == 0:                       # unpadded to no row: the base view alone
+                layouts.append(onevision_image_layout(side, (0, 0)))
                 continue
             if rows == 0 or body.shape[0] % rows or not bool(is_newline.view(rows, -1)[:, -1].all()):
                 raise RuntimeStateError(f"image {index}: the packed LLaVA-OneVision features do not end each row with a newline")
