@@ -570,7 +570,10 @@ def check_degenerate_images(case: Case) -> None:
     expected = _unmodified(case, "degenerate logits", lambda: _logits(model, batch))
     with case.apply(model, case.method.keep_everything()):
         got = _logits(model, batch)
-    diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    # Real positions only: a padding position's logits depend on how its fully masked attention row
+    # is handled, which differs between kernels (eager) and is never read.
+    real = batch["attention_mask"].bool()
+    diff = (got - expected)[real].abs().max().item() if got.shape == expected.shape else float("inf")
     if diff > _ATOL:
         raise case.fail("degenerate_images", f"keeping everything on {sizes} changes the logits by {diff:.3g}")
     with case.apply(model, case.method) as run:
