@@ -149,7 +149,9 @@ class _Probe(RandomSelector):
 @pytest.mark.parametrize("through", ["forward", "generate"])
 def test_selectors_get_the_merged_grid_and_no_cls_attention(qwen: tuple[str, Any, Any], through: str) -> None:
     """Grids of a square and a portrait image, from image_grid_thw (forward) or, since generate drops
-    it after running the vision tower itself, from the M-RoPE positions."""
+    it after running the vision tower itself, from the grids the tower was called with (never from
+    the M-RoPE positions, which describe no grid without mm_token_type_ids:
+    tests/test_video_without_processor.py)."""
     family, model, processor = qwen
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                                          {"type": "text", "text": PROMPT}]}],

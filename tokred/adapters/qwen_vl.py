@@ -41,12 +41,27 @@ also pass on 5.17):
   frame markers after the first frame are instruction text under the default rule of
   :meth:`Adapter.text_roles` (every text token after a row's first visual token).
 
+* **Inputs without the processor.** A program may build ``pixel_values_videos`` /
+  ``video_grid_thw`` and expand ``<|video_pad|>`` (or ``<|image_pad|>``) itself, leaving out
+  ``mm_token_type_ids``. ``generate`` accepts that (measured on 5.17 and 5.25) but computes no M-RoPE
+  then: every token, visual or not, gets plain text positions on all three axes and
+  ``rope_deltas`` is 0 (the plain forward of Qwen2-VL and Qwen3-VL refuses such a call;
+  Qwen2.5-VL's takes it, with text positions too). The positions then say nothing
+  about the grid, so the adapter never reads a grid from them when it can know it otherwise: it
+  takes the grids from ``*_grid_thw`` when the call carries them and, when ``generate`` dropped
+  them (5.23+), from the vision tower's own call (:meth:`QwenVLAdapter.image_grids`). The
+  positions themselves are kept as transformers computed them, so nothing dropped gives the
+  unmodified model's outputs. ``tokred.testing.processor_free_video_inputs`` builds such
+  inputs for the tests.
+
 Not supported: pre-projector features (not captured; selectors that need them say so).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .. import compat
 from ..compat import Keyword
@@ -56,6 +71,7 @@ from .base import Adapter, ImageSpan, VisionProbes, order_spans, split_image_tok
 
 if TYPE_CHECKING:
     import torch
+    import torch.nn as nn
 
 __all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "merged_layout"]
 
@@ -94,17 +110,86 @@ class QwenVLAdapter(Adapter):
 
     def image_grids(self, inputs: Mapping[str, Any], kind: str = "image") -> list[tuple[int, int, int]] | None:
         """``(t, h, w)`` of every image (``kind="video"``: every video) *after* the 2x2 merge, in
-        encoder order, from ``image_grid_thw`` / ``video_grid_thw`` (``[num, 3]``, before merging)
-        when the call carries it, else ``None``.
+        encoder order, from ``image_grid_thw`` / ``video_grid_thw`` (``[num, 3]``, before merging).
 
-        ``generate`` in transformers 5.23 runs the vision tower itself and then drops the grids from
-        the model's inputs; :meth:`image_spans` then reads each grid from its M-RoPE position ids instead.
+        The call carries the grids when it runs the vision tower itself. ``generate`` (transformers
+        5.23+) runs the tower before the first step and drops the grids from the model's inputs,
+        passing the tower's outputs instead (``mm_encoder_outputs``); the grids are then the ones the
+        tower was called with, which :meth:`install_vision_probes` records for each output it
+        produces. ``None`` when neither is known (encoder outputs computed outside the run).
         """
         grid = inputs.get(Keyword.VIDEO_GRID_THW if kind == "video" else Keyword.IMAGE_GRID_THW)
         if grid is None:
-            return None
+            return self._encoded_grids(inputs, kind)
         m = self._merge()
         return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()]
+
+    # The grids the vision tower was called with, per output: generate drops ``*_grid_thw`` from the
+    # model's inputs and hands the model the tower's outputs, split per image or video (views of the
+    # tower's ``pooler_output``; generate may repeat them for beams or several sequences per prompt,
+    # in place). Each record: (weak reference to the storage owner of the tower's ``pooler_output``,
+    # its first row's address, bytes per row, first row of every image or video, their merged grids).
+    # Records are looked up by tensor identity and address, never by order, so a record can only
+    # describe the very rows the tower produced with it.
+
+    def install_vision_probes(self, probes: VisionProbes, wanted: frozenset[str]) -> list[Callable[[], None]]:
+        """Also records, for every call of the vision tower (``visual``), the ``grid_thw`` it was
+        called with against the rows it returned (see :meth:`image_grids`)."""
+        removers = super().install_vision_probes(probes, wanted)
+        tower = getattr(self.multimodal_model(), "visual", None)
+        if tower is None:
+            return removers
+        if not hasattr(self, "_tower_records"):  # records hold weak references only, pruned as they die
+            self._tower_records: list[tuple[weakref.ref, int, int, list[int], list[tuple[int, int, int]]]] = []
+            self._tower_lock = threading.Lock()
+        handle = tower.register_forward_hook(self._record_tower_grids, with_kwargs=True)
+        return [*removers, handle.remove]
+
+    def _record_tower_grids(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        import torch
+
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        pooled = getattr(output, "pooler_output", None)
+        if not isinstance(grid, torch.Tensor) or not isinstance(pooled, torch.Tensor) or pooled.dim() != 2:
+            return
+        m = self._merge()
+        grids = [(int(t), int(h) // m, int(w) // m) for t, h, w in grid.tolist()]
+        starts, row = [], 0
+        for t, h, w in grids:
+            starts.append(row)
+            row += t * h * w
+        if row != pooled.shape[0]:
+            return  # not one row per merged token: describe nothing rather than something wrong
+        owner = pooled._base if pooled._base is not None else pooled
+        record = (weakref.ref(owner), pooled.data_ptr(), pooled.stride(0) * pooled.element_size(), starts, grids)
+        with self._tower_lock:
+            self._tower_records[:] = [r for r in self._tower_records if r[0]() is not None] + [record]
+
+    def _encoded_grids(self, inputs: Mapping[str, Any], kind: str) -> list[tuple[int, int, int]] | None:
+        """The merged grid of every image (or video) of ``mm_encoder_outputs[kind].pooler_output``,
+        from the records of the tower call that produced its rows; ``None`` if any is unknown."""
+        key = Keyword.ENCODER_OUTPUTS_VIDEO if kind == "video" else Keyword.ENCODER_OUTPUTS_IMAGE
+        features = getattr((inputs.get(Keyword.ENCODER_OUTPUTS) or {}).get(key), "pooler_output", None)
+        records = getattr(self, "_tower_records", None)
+        if not isinstance(features, (tuple, list)) or not features or not records:
+            return None
+        with self._tower_lock:
+            records = list(records)
+        grids = []
+        for rows in features:
+            owner = rows._base if rows._base is not None else rows
+            found = None
+            for ref, address, row_bytes, starts, record_grids in records:
+                if ref() is not owner or (rows.data_ptr() - address) % row_bytes:
+                    continue
+                first = (rows.data_ptr() - address) // row_bytes
+                for start, (t, h, w) in zip(starts, record_grids):
+                    if start == first and t * h * w == rows.shape[0]:
+                        found = (t, h, w)
+            if found is None:
+                return None
+            grids.append(found)
+        return grids
 
     def _image_token_counts(self, inputs: Mapping[str, Any], kind: str = "image") -> list[int] | None:
         """Visual tokens per image (or video) in encoder order, from the grids or from the features
@@ -135,8 +220,12 @@ class QwenVLAdapter(Adapter):
         two images with no text between them still split correctly, and a Qwen3-VL video, whose frames
         are separated by timestamp text, is still one video; without counts, each contiguous run of
         tokens is one image. Grids come from ``image_grid_thw`` / ``video_grid_thw`` or, when
-        ``generate`` dropped them, from the M-RoPE rows (height and width positions span ``h`` and
-        ``w`` values within a frame).
+        ``generate`` dropped them, from the grids the vision tower was called with
+        (:meth:`image_grids`); only for encoder outputs computed outside the run, from the M-RoPE rows
+        (height and width positions span ``h`` and ``w`` values within a frame), which describe a grid
+        only when transformers computed M-RoPE: without ``mm_token_type_ids`` (inputs assembled
+        without the processor) every token gets plain text positions, and such a call is refused
+        before any decoder layer runs.
 
         Videos are located only when the call carries video inputs: a ``<|video_pad|>`` fed back
         without video features is plain text to the model, and to tokred.
@@ -158,6 +247,17 @@ class QwenVLAdapter(Adapter):
                 t, h, w = grids[encoder_index]
             else:
                 t, h, w = self._grid_from_positions(inputs.get(Keyword.POSITION_IDS), row, positions)
+                if t < 1 or t * h * w != positions.numel():
+                    raise RuntimeStateError(
+                        f"cannot tell the grid of {kind} {encoder_index} ({positions.numel()} tokens): the call "
+                        f"carries no {kind}_grid_thw (generate passes the vision tower's outputs instead), the "
+                        "vision tower did not run under this tokred run to show it, and its M-RoPE position ids "
+                        f"describe no grid (they read as {t}x{h}x{w}; transformers gives every token plain text "
+                        "positions when the call has no mm_token_type_ids). Let the tower run under the run "
+                        f"(pass pixel_values{'_videos' if kind == 'video' else ''} and {kind}_grid_thw to the "
+                        "applied model, not precomputed mm_encoder_outputs), or pass mm_token_type_ids as the "
+                        "processor returns them (0 text, 1 image token, 2 video token)"
+                    )
             if t * h * w != positions.numel():
                 raise RuntimeStateError(
                     f"{kind} {encoder_index} has {positions.numel()} tokens but a {t}x{h}x{w} merged grid"

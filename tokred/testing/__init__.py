@@ -20,10 +20,11 @@ from ._checks import (
 )
 from ._builders import make_gate_state, make_visual_tokens
 from ._tiny import FAMILIES, VIDEO_ADAPTER_OPTIONS, VIDEO_FAMILIES, make_image, tiny_model
-from ._video import make_video
+from ._video import ProcessorFreeVideoUnsupported, make_video, processor_free_video_inputs
 
 __all__ = [
     "FAMILIES", "VIDEO_FAMILIES", "VIDEO_ADAPTER_OPTIONS", "make_image", "make_video", "tiny_model", "tiny_inputs",
+    "processor_free_video_inputs", "ProcessorFreeVideoUnsupported",
     "tiny_video_inputs", "make_visual_tokens", "make_gate_state",
     "CHECKS", "DEGENERATE_SIZES", "ConformanceError", "NotApplicable", "Refusal", "check_method", "checks_for",
     "conformance_cases", "parametrize_with_checks",
