@@ -65,7 +65,7 @@ from ..method import Method
 from ..registry import Registry, default_registry
 from ..runtime import apply
 from ._tiny import FAMILIES, VIDEO_ADAPTER_OPTIONS, VIDEO_FAMILIES, make_image, tiny_model
-from ._video import make_video
+from ._video import make_video, processor_free_video_inputs
 
 __all__ = ["ConformanceError", "CHECKS", "DEGENERATE_SIZES", "NotApplicable", "Refusal", "check_method", "checks_for",
            "conformance_cases", "parametrize_with_checks", "tiny_inputs", "tiny_video_inputs"]
@@ -599,8 +599,6 @@ def check_video_without_processor(case: Case) -> None:
     """Property 11: video inputs assembled by hand (:func:`~tokred.testing.processor_free_video_inputs`)
     behave as the processor's: keep-everything gives the unmodified logits, and cached generation
     equals the frozen recomputation."""
-    from ._video import processor_free_video_inputs  # noqa: PLC0415
-
     model, processor = case.model()
     try:
         inputs = processor_free_video_inputs(model, processor, _PROMPTS[:1])
