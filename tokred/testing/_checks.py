@@ -269,6 +269,16 @@ def _answers(model: nn.Module, inputs: dict[str, torch.Tensor], generated: torch
     return answers
 
 
+def _cached_and_recomputed(case: Case, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate`` under the case's method with the KV cache, then without it replaying the
+    same decisions (``Run.frozen``): the two must agree token for token."""
+    with case.apply(model, case.method) as run:
+        cached = _generate(model, inputs)
+        with run.frozen():
+            recomputed = _generate(model, inputs, use_cache=False)
+    return cached, recomputed
+
+
 # ------------------------------------------------------------------------ checks
 
 
@@ -290,10 +300,7 @@ def check_cache_consistency(case: Case) -> None:
     """Property 2: cached generation equals cache-free recomputation on the same reduced sequence."""
     model, processor = case.model()
     inputs = case.inputs(processor, _PROMPTS[:1])
-    with case.apply(model, case.method) as run:
-        cached = _generate(model, inputs)
-        with run.frozen():
-            recomputed = _generate(model, inputs, use_cache=False)
+    cached, recomputed = _cached_and_recomputed(case, model, inputs)
     if not torch.equal(cached, recomputed):
         raise case.fail("cache_consistency", f"generate with cache gave {cached[0, -6:].tolist()}, "
                         f"recomputation without cache gave {recomputed[0, -6:].tolist()}")
@@ -610,10 +617,7 @@ def check_video_without_processor(case: Case) -> None:
     diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
     if diff > _ATOL:
         raise case.fail("video_without_processor", f"keeping everything changes the logits by {diff:.3g}")
-    with case.apply(model, case.method) as run:
-        cached = _generate(model, inputs)
-        with run.frozen():
-            recomputed = _generate(model, inputs, use_cache=False)
+    cached, recomputed = _cached_and_recomputed(case, model, inputs)
     if not torch.equal(cached, recomputed):
         raise case.fail("video_without_processor", f"generate with cache gave {cached[0, -6:].tolist()}, "
                         f"recomputation without cache {recomputed[0, -6:].tolist()}")
