@@ -127,4 +127,7 @@ VARIANTS = [
 @pytest.mark.parametrize(("name", "options"), VARIANTS, ids=[name for name, _ in VARIANTS])
 def test_variants_pass_the_conformance_suite(name: str, options: dict) -> None:
     families = ["llava", "llava_next"] if name in ("visionzip", "cdpruner", "pool") else ["llava"]
-    assert check_method(tokred.create(name, **options), families=families, attn_implementations=["sdpa"]) == []
+    skipped = check_method(tokred.create(name, **options), families=families, attn_implementations=["sdpa"])
+    # Nothing refused; the one property that may not apply is beam search for selectors reading the
+    # vision tower's [CLS] attention, refused by the run where generate() encodes each image once.
+    assert all(refusal.check == "beam_search" and "num_beams" in refusal.message for refusal in skipped), skipped
