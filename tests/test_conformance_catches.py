@@ -228,11 +228,14 @@ _XFAIL_REGISTRY = tokred.Registry(entry_points=list(importlib.metadata.entry_poi
 
 @parametrize_with_checks(
     ["broken_unseeded"], **FAST, registry=_XFAIL_REGISTRY,
+    # Not beam_search: each beam row draws anew, but whether the beams trade rows within six steps
+    # (which is what exposes it) depends on the release, so a strict mark would be wrong on one of
+    # them. The row-seeded jitter of the example plugin shows beam_search catching a per-row mistake.
+    checks=[prop for prop in checks_for("image") if prop != "beam_search"],
     xfail={("broken_unseeded", "determinism_and_cleanup"): "draws without a seed",
            "batch_invariance": "a fresh draw per prompt differs between batch and alone",
            "cache_free_generation": "every cache-free step draws anew, unlike a fresh run on its prefix",
            "concurrent_calls": "each call draws anew, unlike the same call made alone",
-           "beam_search": "each beam's copy of the image draws anew, so beams that trade rows see other tokens",
            "degenerate_images": "a fresh draw per prompt differs between batch and alone"},
 )
 def test_parametrize_with_checks_marks_known_failures(case: Case, check: Any) -> None:
@@ -251,6 +254,10 @@ def test_parametrize_with_checks_ids_and_marks() -> None:
     assert xfail.kwargs == {"reason": "why", "strict": True}
     with pytest.raises(tokred.OptionsError, match="no_such_check"):
         parametrize_with_checks(["random"], **FAST, xfail={"no_such_check": "x"})
+    only = parametrize_with_checks(["random"], **FAST, checks=["beam_search"])
+    assert [p.id for p in only.args[1]] == ["random-llava-sdpa-beam_search"]
+    with pytest.raises(tokred.OptionsError, match="video_without_processor"):
+        parametrize_with_checks(["random"], **FAST, checks=["video_without_processor"])
 
 
 # ------------------------------------------------------------ the pytest plugin's fixtures

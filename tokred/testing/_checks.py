@@ -799,6 +799,7 @@ def parametrize_with_checks(
     *,
     registry: Registry | None = None,
     modality: str = "image",
+    checks: Sequence[str] | None = None,
 ) -> Any:
     """A ``pytest.mark.parametrize`` over ``case, check``: one test per (method, family, attention
     implementation, property), with ids like ``mymethod-llava-sdpa-cache_consistency``::
@@ -810,6 +811,7 @@ def parametrize_with_checks(
     ``xfail`` maps a property name, or a ``(method name, property)`` pair, to a reason; those
     tests are marked ``xfail(strict=True)``, so a fixed property shows up as a failure to update.
     ``modality="video"`` checks video prompts (ids end in ``-video``) on the families that take videos.
+    ``checks`` limits the properties (default: every one of the modality, :func:`checks_for`).
     Cases where ``tokred.apply`` refuses the method (see the module documentation) are skipped
     with the refusal's message.
     pytest is imported here, not at module import: tokred does not depend on it.
@@ -820,6 +822,10 @@ def parametrize_with_checks(
     unknown = sorted({key if isinstance(key, str) else key[1] for key in xfail} - set(CHECKS))
     if unknown:
         raise OptionsError(f"xfail names unknown checks {unknown}; valid: {list(CHECKS)}")
+    selected = checks_for(modality) if checks is None else list(checks)
+    unknown = sorted(set(selected) - set(checks_for(modality)))
+    if unknown:
+        raise OptionsError(f"unknown checks {unknown} for {modality}s; valid: {checks_for(modality)}")
 
     def skipping_refusals(check: Callable[[Case], str | None]) -> Callable[[Case], None]:
         def run(case: Case) -> None:
@@ -832,7 +838,7 @@ def parametrize_with_checks(
     params = []
     for method in methods:
         for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
-            for prop in checks_for(modality):
+            for prop in selected:
                 check = CHECKS[prop]
                 reason = xfail.get((case.name, prop), xfail.get(prop))
                 marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason is not None else []
