@@ -52,6 +52,17 @@ def generate(model: Any, inputs: dict, **kwargs: Any) -> Any:
         return model.generate(**inputs, max_new_tokens=6, do_sample=False, **kwargs)
 
 
+def assert_cached_equals_frozen(model: Any, family: str, inputs: dict) -> Any:
+    """Greedy ``generate`` under :func:`method` with the cache equals the recomputation without it
+    on the same decisions (``run.frozen()``); returns the run, for its report."""
+    with apply(model, family, method()) as run:
+        cached = generate(model, inputs)
+        with run.frozen():
+            recomputed = generate(model, inputs, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    return run
+
+
 def step_logits(model: Any, inputs: dict, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Generated tokens and every step's logits ``[steps, B, V]`` (greedy)."""
     out = generate(model, inputs, output_logits=True, return_dict_in_generate=True, **kwargs)
@@ -125,11 +136,7 @@ def test_the_issue_reproducer_keeps_the_properties(family: str, mm_token_type_id
         tokens, got = step_logits(model, inputs)
     assert torch.equal(tokens, expected_tokens)
     assert (got - expected).abs().max().item() <= ATOL
-    with apply(model, family, method()) as run:
-        cached = generate(model, inputs)
-        with run.frozen():
-            recomputed = generate(model, inputs, use_cache=False)
-    assert torch.equal(cached, recomputed)
+    assert_cached_equals_frozen(model, family, inputs)
 
 
 class _Recording(RandomSelector):
@@ -303,11 +310,7 @@ def test_the_helpers_inputs_keep_the_properties(family: str) -> None:
     with apply(model, family, method().keep_everything()), torch.no_grad():
         got = model(**inputs).logits
     assert (got - expected).abs().max().item() <= ATOL
-    with apply(model, family, method()) as run:
-        cached = generate(model, inputs)
-        with run.frozen():
-            recomputed = generate(model, inputs, use_cache=False)
-    assert torch.equal(cached, recomputed)
+    run = assert_cached_equals_frozen(model, family, inputs)
     assert run.report.visual_tokens_per_layer[0][0] < run.report.visual_tokens_input[0]
 
 

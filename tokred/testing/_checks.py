@@ -551,16 +551,18 @@ def check_beam_search(case: Case) -> None:
 DEGENERATE_SIZES: tuple[tuple[int, int], ...] = ((1, 1), (3, 300), (300, 3))
 
 
-def _accepted_sizes(model: nn.Module, processor: Any) -> tuple[list[tuple[int, int]], list[str]]:
-    """The degenerate sizes the processor and the unmodified model take, and why the others failed."""
+def _accepted_sizes(model: nn.Module, processor: Any, adapter: Any) -> tuple[list[tuple[tuple[int, int], int]], list[str]]:
+    """The degenerate sizes the processor and the unmodified model take, each with its number of
+    visual tokens, and why the others failed."""
     sizes, refused = [], []
     for size in DEGENERATE_SIZES:
         try:
-            _logits(model, tiny_inputs(processor, _PROMPTS[:1], sizes=[size]))
+            inputs = tiny_inputs(processor, _PROMPTS[:1], sizes=[size])
+            _logits(model, inputs)
         except Exception as exc:  # the processor or the unmodified model refuses it: not tokred's to handle
             refused.append(f"{size[0]}x{size[1]} ({type(exc).__name__}: {str(exc)[:120]})")
         else:
-            sizes.append(size)
+            sizes.append((size, adapter.count_visual_tokens(inputs)))
     return sizes, refused
 
 
@@ -570,15 +572,14 @@ def check_degenerate_images(case: Case) -> None:
     logits; with tokens dropped, cached generation equals the frozen recomputation, and a batch of
     them keeps the same tokens and generates the same answers as each alone."""
     model, processor = case.model()
-    accepted, refused = _unmodified(case, "degenerate sizes", lambda: _accepted_sizes(model, processor))
+    adapter, schedule = case.adapter(model), case.method.schedule()
+    accepted, refused = _unmodified(case, "degenerate sizes", lambda: _accepted_sizes(model, processor, adapter))
     if not accepted:
         raise NotApplicable(f"the unmodified {case.family} model refuses every degenerate image: {'; '.join(refused)}")
     # A budget of absolute size (keep=32) cannot be met by an image of 4 visual tokens: tokred refuses
     # it with a BudgetError, never clamping, which is right; such sizes are left out here.
-    adapter, schedule = case.adapter(model), case.method.schedule()
     sizes, too_small = [], []
-    for size in accepted:
-        tokens = adapter.count_visual_tokens(tiny_inputs(processor, _PROMPTS[:1], sizes=[size]))
+    for size, tokens in accepted:
         try:
             check_image_budgets(schedule, schedule.gate_layers(adapter.num_layers), tokens, f"{tokens} visual tokens")
         except BudgetError as exc:
@@ -704,6 +705,16 @@ def checks_for(modality: str = "image") -> list[str]:
     return [name for name in CHECKS if _MODALITY_OF_CHECK.get(name, modality) == modality]
 
 
+def _selected_checks(checks: Sequence[str] | None, modality: str) -> list[str]:
+    """``checks`` (default: every property of ``modality``), each a property of that modality."""
+    valid = checks_for(modality)
+    selected = valid if checks is None else list(checks)
+    unknown = sorted(set(selected) - set(valid))
+    if unknown:
+        raise OptionsError(f"unknown checks {unknown} for {modality}s; valid: {valid}")
+    return selected
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A case :func:`check_method` did not run: ``tokred.apply`` refused the method there
@@ -774,10 +785,7 @@ def check_method(
         the (case, property) pairs where a property does not apply (``Refusal.check`` names it);
         empty when every property ran on every family checked.
     """
-    selected = checks_for(modality) if checks is None else list(checks)
-    unknown = sorted(set(selected) - set(checks_for(modality)))
-    if unknown:
-        raise OptionsError(f"unknown checks {unknown} for {modality}s; valid: {checks_for(modality)}")
+    selected = _selected_checks(checks, modality)
     refused = []
     for case in conformance_cases(method, families, attn_implementations, registry, modality=modality):
         refusal = case.refusal()
@@ -822,10 +830,7 @@ def parametrize_with_checks(
     unknown = sorted({key if isinstance(key, str) else key[1] for key in xfail} - set(CHECKS))
     if unknown:
         raise OptionsError(f"xfail names unknown checks {unknown}; valid: {list(CHECKS)}")
-    selected = checks_for(modality) if checks is None else list(checks)
-    unknown = sorted(set(selected) - set(checks_for(modality)))
-    if unknown:
-        raise OptionsError(f"unknown checks {unknown} for {modality}s; valid: {checks_for(modality)}")
+    selected = _selected_checks(checks, modality)
 
     def skipping_refusals(check: Callable[[Case], str | None]) -> Callable[[Case], None]:
         def run(case: Case) -> None:
