@@ -209,6 +209,8 @@ def test_demo_lists_every_registered_method_and_the_unreduced_model(capsys: pyte
     rows = lines[header + 2:]
     unreduced = _row(rows, "unreduced").split()
     assert unreduced[2:6] == ["576", "576", "576", "576.0"] and unreduced[6] == "1.00x"
+    assert "prefill speed-up" in lines[header] and "prefill time" not in lines[header]
+    assert "prefill speed-up = t(unreduced) / t" in captured.out
     random_row = _row(rows, "random").split()
     assert random_row[1] == "keep_ratio=0.1" and random_row[2:6] == ["576", "58", "58", "58.0"]
     for name in registry.list_methods():
@@ -249,11 +251,12 @@ def test_demo_uses_defaults_for_methods_without_keep_ratio_and_reports_failures(
     assert main(["demo", "--family", "llava", "--repeats", "1", "--methods", "[bfr]*", "--json"], registry=registry) == 1
     rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
     assert {"unreduced", "beyond", "fixed_keep", "fastv", "random"} <= set(rows)
-    assert rows["unreduced"]["prefill_time_ratio"] == 1.0
+    assert rows["unreduced"]["prefill_speedup"]["median"] == 1.0 and rows["unreduced"]["prefill_speedup"]["n"] == 1
+    assert rows["random"]["prefill_speedup"]["median"] > 0 and "prefill_time_ratio" not in rows["random"]
     assert rows["fixed_keep"]["budget"] == "defaults (rejects keep_ratio)"
     assert rows["fixed_keep"]["entering_llm"] == 32 and rows["fixed_keep"]["error"] is None
     assert rows["random"]["entering_llm"] == 58 and isinstance(rows["random"]["generated_text"], str)
-    assert "ScheduleError" in rows["beyond"]["error"] and rows["beyond"]["prefill_time_ratio"] is None
+    assert "ScheduleError" in rows["beyond"]["error"] and rows["beyond"]["prefill_speedup"] is None
 
 
 @pytest.mark.parametrize(("family", "visual", "kept"), [("llava_next", 720, 72), ("internvl", 320, 32)])

@@ -206,3 +206,51 @@ def test_eval_refuses_a_bad_task_before_the_model_loads(tmp_path: Path, capsys: 
     assert main(["eval", "--preset", "tiny", "--task", str(bad), "--methods", "random"], registry=registry) == 2
     err = capsys.readouterr().err
     assert f"tokred: error: {bad}:1: unknown keys ['answr']" in err and "building preset" not in err
+
+
+# ------------------------------------------------------------------------------------ depth-matched layers on the proxy
+
+
+def test_the_demo_runs_the_proxy_at_llava_depth_fractions(capsys: pytest.CaptureFixture[str],
+                                                          registry: tokred.Registry) -> None:
+    from tokred.cli._loading import layer_options_at_depth
+
+    argv = ["demo", "--repeats", "2", "--methods", "fastv,random", "--items", "4", "--json"]
+    assert main(argv, registry=registry) == 0
+    data = json.loads(capsys.readouterr().out)
+    # Whatever the proxy's depth: FastV's layer 2 of LLaVA-1.5's 32, at this model's depth.
+    assert data["depth_matched"] == layer_options_at_depth({"fastv": {"layer": "2/32"}}, data["num_layers"])
+    rows = {row["method"]: row for row in data["rows"]}
+    assert rows["fastv"]["error"] is None and rows["fastv"]["prefill_speedup"]["n"] == 2
+    assert rows["random"]["prefill_speedup"]["median"] > 0 and "prefill_time_ratio" not in rows["random"]
+
+    assert main(["demo", "--repeats", "1", "--methods", "fastv", "--items", "4"], registry=registry) == 0
+    out = capsys.readouterr().out
+    assert "depth-matched layers" in out and "fastv: layer=" in out and "LLaVA-1.5's layer 2 of 32" in out
+    assert "prefill speed-up" in out
+
+
+def test_eval_on_the_proxy_depth_matches_layers_under_the_users_options(capsys: pytest.CaptureFixture[str],
+                                                                        registry: tokred.Registry) -> None:
+    from tokred.cli._loading import layer_options_at_depth
+
+    argv = ["eval", "--preset", "proxy", "--methods", "fastv,random", "--keep-ratio", "0.25", "--items", "4",
+            "--timing-rounds", "0", "--json"]
+    assert main(argv, registry=registry) == 0
+    data = json.loads(capsys.readouterr().out)
+    from tokred.bench import build_preset
+
+    assert registry.create("fastv").layer == 2  # the method's own default is untouched
+    num_layers = build_preset("proxy")[0].config.get_text_config().num_hidden_layers
+    matched = layer_options_at_depth({"fastv": {"layer": "2/32"}}, num_layers)
+    assert data["depth_matched"] == matched
+    assert [r["label"] for r in data["results"]] == [
+        "unreduced", f"fastv (keep_ratio=0.25, layer={matched['fastv']['layer']})", "random (keep_ratio=0.25)"]
+
+    argv[argv.index("fastv,random")] = "fastv"  # random has no layer option
+    assert main([*argv, "--option", "layer=3"], registry=registry) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["depth_matched"] == {}
+    assert [r["label"] for r in data["results"]] == ["unreduced", "fastv (keep_ratio=0.25, layer=3)"]
+    assert main([*argv[:-1], "--option", "layer=3"], registry=registry) == 0
+    assert "depth-matched" not in capsys.readouterr().out

@@ -16,7 +16,9 @@ the real vocabulary.
 The ``proxy`` preset is different: the shipped, trained SYNTHETIC PROXY of :mod:`tokred.eval.proxy`
 (its weights are package data), whose answers depend on the image, with its own task
 (:func:`tokred.eval.proxy.proxy_task`), so that ``tokred eval --preset proxy`` needs no ``--task``.
-Its figures rank methods on that synthetic task only; they are not the papers' benchmarks.
+Its figures rank methods on that synthetic task only; they are not the papers' benchmarks. Its
+methods run at LLaVA-1.5's depth fractions of their absolute layer defaults (``layer_options``:
+FastV's layer 2 of 32 becomes ``"2/32"``; :mod:`tokred.eval.proxy._depth`).
 
 This module imports neither torch nor the modules a preset loads (``tokred --help`` reads it).
 """
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..eval import Task
+    from ..registry import Registry
 
 __all__ = ["Preset", "PRESETS", "build_preset"]
 
@@ -50,6 +53,10 @@ class Preset:
             that loads trained weights; ``None`` for a random-weight ``tiny_model``.
         task: ``"module:function"``, a function ``() -> tokred.eval.Task``: the task the model was
             trained for, used by ``tokred eval`` when no ``--task`` is given; ``None`` for none.
+        layer_options: ``"module:function"``, a function ``(registry, name) -> dict`` giving the
+            layer options method ``name`` runs with on this model unless the user gives them (for
+            ``proxy``: :func:`tokred.eval.proxy._depth.reference_depth_options`, LLaVA-1.5's
+            absolute layer defaults as depth fractions); ``None`` for the methods' own defaults.
         video_frames: for a video preset, the frames of the synthetic clip its prompt holds
             (:meth:`video_prompt`), else ``None``.
         frame_size: ``(width, height)`` of the clip's frames.
@@ -61,6 +68,7 @@ class Preset:
     overrides: dict[str, Any] = field(default_factory=dict)
     loader: str | None = None
     task: str | None = None
+    layer_options: str | None = None
     video_frames: int | None = None
     frame_size: tuple[int, int] = (336, 336)
 
@@ -80,6 +88,11 @@ class Preset:
     def build_task(self) -> Task | None:
         """The preset's own task, or ``None`` when it has none."""
         return None if self.task is None else _resolve(self.task)()
+
+    def method_layer_options(self, registry: Registry, name: str) -> dict[str, Any]:
+        """The layer options method ``name`` runs with on this preset unless the user gives them
+        (see ``layer_options``); ``{}`` when the preset has none."""
+        return {} if self.layer_options is None else dict(_resolve(self.layer_options)(registry, name))
 
     def video_prompt(self, processor: Any, prompt: str) -> tuple[Any, list[Image.Image]]:
         """For a video preset: the processor's inputs (a ``BatchFeature``) of one user turn holding
@@ -182,6 +195,8 @@ PRESETS: dict[str, Preset] = {
             "Llama 128 wide x 4, 256 visual tokens, trained on procedural cluttered scenes; brings its own task "
             "(tokred eval needs no --task); ranks methods on that task only, not the papers' benchmarks",
             loader="tokred.eval.proxy:load_proxy", task="tokred.eval.proxy:proxy_task",
+            # FastV's layer 2, DART's gate layer 2, ... are LLaVA-1.5-7B's (32 layers): the same depth fractions here.
+            layer_options="tokred.eval.proxy._depth:reference_depth_options",
         ),
     )
 }

@@ -4,9 +4,9 @@
   distribution that provided it, and the plugins that failed to load.
 * ``run`` answers one prompt about one or more images with a reduced model (a checkpoint or an
   offline preset) and prints the answer and the run report.
-* ``demo`` needs no download: it builds a tiny random-weight model and compares every registered
-  method with the unreduced model (visual tokens per layer, relative prefill time, a few generated
-  tokens).
+* ``demo`` needs no download: it loads the trained synthetic proxy (or builds a tiny random-weight
+  model) and compares every registered method with the unreduced model (visual tokens per layer,
+  prefill speed-up, a few generated tokens).
 * ``bench`` measures methods and budgets on a model or a random-weight size preset: speed-up over
   the unreduced model and overhead over the ideal, FLOPs, KV-cache bytes, peak memory
   (:mod:`tokred.bench`); ``bench --scaling`` times Selectors alone against ``N`` and ``k``.

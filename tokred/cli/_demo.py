@@ -2,20 +2,21 @@
 
 By default the model is the trained SYNTHETIC PROXY (:mod:`tokred.eval.proxy`): each row also shows
 the answer to one held-out question and the accuracy on a few held-out items, next to the token
-accounting and prefill time. ``--family`` picks a random-weight tiny model instead (answers
+accounting and prefill speed-up. ``--family`` picks a random-weight tiny model instead (answers
 meaningless). The proxy's figures rank methods on its synthetic task only, not the papers'
-benchmarks."""
+benchmarks. On the proxy, a layer option whose default is an absolute layer chosen for LLaVA-1.5's
+32 layers runs at the same depth fraction (FastV's layer 2 as ``"2/32"``:
+:mod:`tokred.eval.proxy._depth`), and the output says which."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._common import DEMO_PROMPT, CommandError, ListAction, add_command, number, positive_int
-from ._loading import prompt_inputs
+from ._loading import layer_options_at_depth, layer_options_line, preset_layer_options, prompt_inputs
 
 if TYPE_CHECKING:
     from ..method import Method
@@ -41,13 +42,16 @@ def add_parser(commands: Any) -> None:
             "every registered method matching --methods, each created with keep_ratio=--keep-ratio\n"
             "(a method that rejects keep_ratio runs with its defaults, and the table says so). For\n"
             "each: visual tokens in, entering the language model, at its last layer, the\n"
-            "layer-averaged equivalent, the median prefill time relative to the unreduced model\n"
-            "(runs interleaved so machine noise hits all alike), and the first tokens of a greedy\n"
-            "generation. The default model is the trained SYNTHETIC PROXY (tokred.eval.proxy): the\n"
-            "answer is to a held-out question about a generated scene, and each row adds the\n"
-            "accuracy on --items held-out items; it ranks methods on that synthetic task only, not\n"
-            "on the papers' benchmarks. Any other --family is a random-weight tiny model, whose text\n"
-            "is meaningless. Timings on a tiny model only indicate the overhead."
+            "layer-averaged equivalent, the prefill speed-up over the unreduced model (median of the\n"
+            "per-repeat speed-ups, runs interleaved so machine noise hits all alike), and the first\n"
+            "tokens of a greedy generation. The default model is the trained SYNTHETIC PROXY\n"
+            "(tokred.eval.proxy): the answer is to a held-out question about a generated scene, and\n"
+            "each row adds the accuracy on --items held-out items; it ranks methods on that synthetic\n"
+            "task only, not on the papers' benchmarks. On the proxy, a method whose layer option\n"
+            "defaults to an absolute layer chosen for LLaVA-1.5's 32 layers runs at the same depth\n"
+            "fraction (FastV's layer 2 as '2/32'), and a line says which. Any other --family is a\n"
+            "random-weight tiny model, whose text is meaningless. Timings on a tiny model only\n"
+            "indicate the overhead."
         ),
         epilog=(
             "examples:\n  tokred demo\n  tokred demo --methods 'fast*' --keep-ratio 0.25 --repeats 9\n"
@@ -88,14 +92,16 @@ class _Contender:
     agreement: float | None = None
     error: str | None = None
     seconds: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
+    speedups: list[float] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
+        from ..bench import Spread
+
         return {
             "method": self.name, "budget": self.budget, "visual_tokens_in": self.visual_in,
             "entering_llm": self.layer0, "last_layer": self.last_layer,
             "equivalent_visual_tokens": self.equivalent,
-            "prefill_time_ratio": statistics.median(self.ratios) if self.ratios else None,
+            "prefill_speedup": Spread.of(self.speedups).to_dict() if self.speedups else None,
             "generated_text": self.text, "accuracy": self.accuracy, "agreement": self.agreement, "error": self.error,
         }
 
@@ -130,9 +136,14 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
         model, processor = tiny_model(args.family, attn_implementation=args.attn_implementation)
         inputs = prompt_inputs(processor, [make_image()], DEMO_PROMPT)
     num_visual = registry.adapter_for(model).count_visual_tokens(inputs)
+    layers = model.config.get_text_config().num_hidden_layers
+    # On the proxy: LLaVA-1.5's absolute layer defaults at the same depth fractions (the proxy preset's layer_options).
+    layered = preset_layer_options(PROXY if task is not None else None, registry, names,
+                                   {"keep_ratio": args.keep_ratio})
+    depth_matched = layer_options_at_depth(layered, layers)
 
     contenders = [_Contender("unreduced", None, "all", num_visual, num_visual, num_visual, float(num_visual))]
-    contenders += [_create_contender(registry, name, args.keep_ratio) for name in names]
+    contenders += [_create_contender(registry, name, args.keep_ratio, depth_matched.get(name, {})) for name in names]
     with output.progress(len(contenders) * (1 + args.repeats)) as progress:
         # The generation doubles as warm-up, so the first timed prefill is not an outlier.
         for c in contenders:
@@ -144,12 +155,11 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
             for c in timed:
                 progress.step(f"{c.name} repeat {repeat}/{args.repeats}")
                 c.seconds.append(_time_prefill(model, inputs, c.method, registry))
-            for c in timed:
-                c.ratios.append(c.seconds[-1] / contenders[0].seconds[-1])
+            for c in timed:  # speed-up within the repeat: unreduced time over this row's
+                c.speedups.append(contenders[0].seconds[-1] / c.seconds[-1])
     if task is not None:
         _measure_accuracy(model, processor, task, contenders, registry, output)
 
-    layers = model.config.get_text_config().num_hidden_layers
     if task is None:
         note = ("The weights are random, so the generated text is meaningless; timings on a tiny model only "
                 "indicate the overhead, not the speed-up on a full-size model.")
@@ -158,7 +168,7 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
                 "benchmarks (tokred eval --preset proxy measures it on more items; docs/evaluation.md); timings on "
                 "a tiny model only indicate the overhead, not the speed-up on a full-size model.")
     data: dict[str, Any] = {"family": args.family, "keep_ratio": args.keep_ratio, "repeats": args.repeats,
-                            "num_layers": layers, "note": note}
+                            "num_layers": layers, "depth_matched": depth_matched, "note": note}
     if task is not None:
         first = task.items[0]
         data.update(question=first.question, answer=first.answer, items=len(task))
@@ -167,16 +177,19 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
     else:
         if task is None:
             output.print(f"tiny random-weight {args.family} model, {layers} decoder layers, {num_visual} visual tokens; "
-                         f"keep_ratio={args.keep_ratio:g}; prefill time is the median over {args.repeats} interleaved "
-                         "repeat(s) of the ratio to the unreduced model\n")
+                         f"keep_ratio={args.keep_ratio:g}; prefill speed-up = t(unreduced) / t per interleaved repeat, "
+                         f"median [interquartile range] over {args.repeats}\n")
         else:
             output.print(f"trained SYNTHETIC PROXY (tokred.eval.proxy), {layers} decoder layers, {num_visual} visual "
                          f"tokens; keep_ratio={args.keep_ratio:g}; the answer is to {first.question!r} about held-out "
                          f"scene {first.id} (right answer: {first.answer}); accuracy and agreement with the unreduced "
-                         f"answers on {len(task)} held-out items; prefill time is the median over {args.repeats} "
-                         "interleaved repeat(s) of the ratio to the unreduced model\n")
+                         f"answers on {len(task)} held-out items; prefill speed-up = t(unreduced) / t per interleaved "
+                         f"repeat, median [interquartile range] over {args.repeats}")
+            if layered:
+                output.print(layer_options_line(layered, layers))
+            output.print("")
         headers = ["method", "budget", "visual tokens in", "entering the LLM (layer 0)", "at the last layer",
-                   "equivalent tokens", "prefill time"]
+                   "equivalent tokens", "prefill speed-up"]
         headers += ["answer", "accuracy", "agreement"] if task is not None else [f"first {_NEW_TOKENS} generated tokens"]
         output.print(output.table(headers, [_cells(c, task is not None) for c in contenders],
                                   right={2, 3, 4, 5, 6, 8, 9}))
@@ -204,15 +217,16 @@ def _measure_accuracy(model: Any, processor: Any, task: Any, contenders: list[_C
         c.accuracy, c.agreement = measured.accuracy, measured.agreement
 
 
-def _create_contender(registry: Registry, name: str, keep_ratio: float) -> _Contender:
+def _create_contender(registry: Registry, name: str, keep_ratio: float, layers: dict[str, Any]) -> _Contender:
+    """The row of method ``name`` with ``keep_ratio`` and the depth-matched ``layers`` options."""
     from ..errors import OptionsError, TokredError
 
     try:
-        return _Contender(name, registry.create(name, keep_ratio=keep_ratio), f"keep_ratio={keep_ratio:g}")
+        return _Contender(name, registry.create(name, **layers, keep_ratio=keep_ratio), f"keep_ratio={keep_ratio:g}")
     except OptionsError:
         pass  # the method has no keep_ratio (or rejects it): show it with its own defaults
     try:
-        return _Contender(name, registry.create(name), "defaults (rejects keep_ratio)")
+        return _Contender(name, registry.create(name, **layers), "defaults (rejects keep_ratio)")
     except TokredError as exc:
         return _Contender(name, None, "-", error=str(exc))
 
@@ -259,9 +273,12 @@ def _time_prefill(model: Any, inputs: Any, method: Method | None, registry: Regi
 def _cells(c: _Contender, proxy: bool) -> list[str]:
     if c.error is not None:
         return [c.name, c.budget, "", "", "", "", "", f"failed: {' '.join(c.error.split())}"] + (["", ""] if proxy else [])
-    ratio = statistics.median(c.ratios)
+    from ..bench import Spread
+
+    # As tokred bench and eval: median [interquartile range] of the per-repeat speed-ups; the unreduced row is 1.00x.
+    speedup = "1.00x" if c.method is None else Spread.of(c.speedups).format(".2f", "x")
     cells = [c.name, c.budget, str(c.visual_in), str(c.layer0), str(c.last_layer), f"{c.equivalent:.1f}",
-             f"{ratio:.2f}x", repr(c.text)]
+             speedup, repr(c.text)]
     if proxy:
         cells += ["" if c.accuracy is None else f"{100 * c.accuracy:.1f}%",
                   "" if c.agreement is None else f"{100 * c.agreement:.1f}%"]

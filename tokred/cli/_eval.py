@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._common import CommandError, ListAction, add_command, number, parse_option, positive_int
-from ._loading import add_model_source, check_options, check_output_file, open_source
+from ._loading import (add_model_source, check_options, check_output_file, layer_options_at_depth, layer_options_line,
+                       open_source, preset_layer_options)
 
 if TYPE_CHECKING:
     from ..eval import Task
+    from ..method import Method
     from ..registry import Registry
     from ._output import Output
 
@@ -31,7 +33,9 @@ def add_parser(commands: Any) -> None:
             "prediction is appended to a JSONL file as its batch finishes, and a second run with the\n"
             "same file resumes where the first stopped. --preset proxy (the trained SYNTHETIC PROXY)\n"
             "brings its own task, so --task may be left out; its figures rank methods on that\n"
-            "synthetic task only, not on the papers' benchmarks."
+            "synthetic task only, not on the papers' benchmarks. On the proxy, a method whose layer\n"
+            "option defaults to an absolute layer chosen for LLaVA-1.5's 32 layers runs at the same\n"
+            "depth fraction (FastV's layer 2 as '2/32') unless --option gives it."
         ),
         epilog=(
             "examples:\n"
@@ -103,16 +107,29 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
         check_options(registry, "method", name, options)
     budgets: list[dict[str, Any]] = ([{"keep_ratio": r} for r in args.keep_ratio] if args.keep_ratio
                                      else [{"keep": k} for k in args.keep] if args.keep else [{}])
-    methods = [registry.create(name, **{**options, **budget}) for name in names for budget in budgets]
+    # The preset's layer options (the proxy's: LLaVA-1.5's layers at the same depth fractions), under the user's.
+    layered = preset_layer_options(args.preset, registry, names, options)
+
+    def create(layers: dict[str, dict[str, Any]]) -> list[Method]:
+        return [registry.create(name, **{**layers.get(name, {}), **options, **budget})
+                for name in names for budget in budgets]
+
+    methods = create(layered)
     task = _task(args).head(args.items)  # every item and image is checked before the model loads
     source = open_source(args, registry, output)
+    depth_matched: dict[str, dict[str, Any]] = {}
+    if layered:  # a depth fraction that rounds down to layer 0 on this model becomes layer 1
+        num_layers = source.config.get_text_config().num_hidden_layers
+        depth_matched = layer_options_at_depth(layered, num_layers)
+        if depth_matched != layered:
+            methods = create(depth_matched)
     model = source.load_model()
     with output.progress(1) as progress:
         result = evaluate(model, source.processor, task, methods, registry=registry, batch_size=args.batch_size,
                           multiple_choice=args.multiple_choice, max_new_tokens=args.max_new_tokens,
                           timing_rounds=args.timing_rounds, output=args.output, model_name=source.name,
                           progress=lambda done, total, what: progress.update(done, total, what))
-    data = result.to_dict()
+    data = {**result.to_dict(), "depth_matched": depth_matched}
     if args.plot is not None:
         plot_accuracy(result, args.plot)
         output.note(f"wrote {args.plot}")
@@ -126,6 +143,8 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
                      f"{result.scoring}, batch size {result.batch_size}")
         if result.task_description:
             output.print(result.task_description)
+        if layered:
+            output.print(layer_options_line(layered, num_layers))
         output.print("")
         output.print(output.table(result.HEADERS, result.rows(), right=set(range(1, len(result.HEADERS)))))
         failed = [r for r in result.results if r.error is not None]

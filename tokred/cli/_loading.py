@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ._common import DTYPES, CommandError, ListAction, number, parse_option, split_paths, suggest
 from ._output import Output
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from ..registry import Kind, Registry
 
 __all__ = [
-    "preset_catalogue", "add_model_source", "add_method", "add_images", "method_options", "create_method", "check_options",
+    "preset_catalogue", "preset_layer_options", "layer_options_at_depth", "layer_options_line", "add_model_source",
+    "add_method", "add_images", "method_options", "create_method", "check_options",
     "resolve_device", "open_image", "load_images", "check_output_file", "Source", "open_source", "prompt_inputs",
     "visual_token_counts", "check_keep", "video_preset", "preset_or_prompt_inputs",
 ]
@@ -84,6 +85,44 @@ def _presets_module() -> Any:
         del sys.modules[name]
         raise
     return module
+
+
+def preset_layer_options(preset: str | None, registry: Registry, names: Sequence[str],
+                         given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method of ``names``, the layer options preset ``preset`` runs it with (its ``layer_options``:
+    for ``proxy``, LLaVA-1.5's absolute layer defaults as depth fractions,
+    :func:`tokred.eval.proxy._depth.reference_depth_options`), less those in ``given`` (the user's
+    options win); methods with none are left out, and so is every method for a preset without
+    ``layer_options`` or no preset."""
+    from ..bench._presets import PRESETS
+
+    if preset is None or preset not in PRESETS:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for name in names:
+        options = {k: v for k, v in PRESETS[preset].method_layer_options(registry, name).items() if k not in given}
+        if options:
+            found[name] = options
+    return found
+
+
+def layer_options_at_depth(found: Mapping[str, Mapping[str, Any]], num_layers: int) -> dict[str, dict[str, Any]]:
+    """:func:`preset_layer_options` for a ``num_layers``-layer decoder (a depth fraction that rounds
+    down to layer 0 there becomes layer 1: :func:`tokred.eval.proxy._depth.at_depth`)."""
+    from ..eval.proxy._depth import at_depth
+
+    return {name: at_depth(options, num_layers) for name, options in found.items()}
+
+
+def layer_options_line(found: Mapping[str, Mapping[str, Any]], num_layers: int) -> str:
+    """One line naming the depth-matched options of :func:`preset_layer_options`, or ``""`` for none:
+    ``depth-matched layers: fastv: layer=2/32 (LLaVA-1.5's layer 2 of 32 at this model's depth: ...)``."""
+    from ..eval.proxy._depth import describe
+
+    if not found:
+        return ""
+    return "depth-matched layers (docs/evaluation.md): " + "; ".join(
+        describe(name, options, num_layers) for name, options in found.items())
 
 
 # ---------------------------------------------------------------------------- arguments
