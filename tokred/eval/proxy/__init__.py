@@ -18,6 +18,9 @@ lmms-eval route to those).
   through ``generate``.
 * ``python -m tokred.eval.proxy.train --out DIR``: the deterministic recipe that produced the
   shipped weights (one CPU thread).
+* :func:`mechanism_figures`: whether the model works like a real LVLM (does the question read the
+  image after the first layers? does one token carry the answer? what does [CLS] attend to?); the
+  shipped proxy fails several of these checks (issue #26, docs/evaluation.md).
 * :func:`measure` and the reference selections (oracle, random, L2 norm, k-center, last-token
   attention): accuracy with a subset of the visual tokens, fed by hand at original positions.
 
@@ -41,6 +44,7 @@ from ._measure import (
     select_oracle,
     select_random,
 )
+from ._mechanisms import cls_attention, mechanism_figures
 from ._model import PROXY_DIMENSIONS, WEIGHTS_DIR, build_model, build_processor, build_tokenizer, load_proxy, save_proxy
 from ._scenes import COLOURS, GRID, IMAGE_SIZE, KINDS, PATCH_SIZE, SHAPES, ProxyItem, SceneObject, ask, askable, make_item, proxy_items
 from ._task import TASK_DESCRIPTION, proxy_task
@@ -51,6 +55,8 @@ __all__ = [
     # scenes and questions
     "COLOURS", "SHAPES", "KINDS", "IMAGE_SIZE", "PATCH_SIZE", "GRID", "SceneObject", "ProxyItem", "make_item",
     "proxy_items", "ask", "askable",
+    # does it work like a real LVLM
+    "mechanism_figures", "cls_attention",
     # the model
     "PROXY_DIMENSIONS", "WEIGHTS_DIR", "build_tokenizer", "build_processor", "build_model", "save_proxy",
     # reduced inputs and measurement
