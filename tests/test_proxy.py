@@ -141,6 +141,27 @@ def test_the_demo_answers_with_the_proxy_and_measures_accuracy(capsys: pytest.Ca
     assert rows["unreduced"]["agreement"] == 1.0 and 0.0 <= rows["random"]["accuracy"] <= 1.0
 
 
+def test_the_demo_says_why_a_method_lands_near_chance(capsys: pytest.CaptureFixture[str]) -> None:
+    """STAR's first stage keeps the visual tokens other patches attend to most, which in this proxy's
+    tower are not the asked objects': its row lands near chance, and the line under the table says
+    it kept far fewer of the answers' tokens than a uniform choice would. Random, well above
+    chance, is not listed."""
+    argv = ["demo", "--repeats", "1", "--methods", "star,random", "--items", "24", "--keep-ratio", "0.1"]
+    assert main([*argv, "--json"], registry=_registry()) == 0
+    data = json.loads(capsys.readouterr().out)
+    near = data["near_chance"]
+    assert 0.3 < near["prior"] < 0.5 and near["threshold"] == 0.10
+    assert set(near["methods"]) == {"star"}, near
+    star = near["methods"]["star"]
+    assert star["accuracy"] <= near["prior"] + 0.10 and star["items"] == 16
+    assert star["answer_tokens_kept"] < 0.10  # a uniform 10% keeps about 10% of them
+    assert main(argv, registry=_registry()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (line,) = [x for x in lines if x.startswith("Near chance")]
+    assert "star kept" in line and "a uniform choice keeps about 10%" in line and "star misses what the questions" in line
+    assert "random" not in line
+
+
 @pytest.mark.parametrize("method", [None, "random", "fastv"])
 def test_one_token_choices_are_scored_from_the_prompt_prefill_as_the_rows_would(proxy, method, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The proxy's choices are one token each: the prompt prefill scores them, and gives what the

@@ -157,8 +157,10 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
                 c.seconds.append(_time_prefill(model, inputs, c.method, registry))
             for c in timed:  # speed-up within the repeat: unreduced time over this row's
                 c.speedups.append(contenders[0].seconds[-1] / c.seconds[-1])
+    near_chance: dict[str, Any] | None = None
     if task is not None:
         _measure_accuracy(model, processor, task, contenders, registry, output)
+        near_chance = _near_chance(model, processor, task, contenders, registry)
 
     if task is None:
         note = ("The weights are random, so the generated text is meaningless; timings on a tiny model only "
@@ -169,6 +171,8 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
                 "a tiny model only indicate the overhead, not the speed-up on a full-size model.")
     data: dict[str, Any] = {"family": args.family, "keep_ratio": args.keep_ratio, "repeats": args.repeats,
                             "num_layers": layers, "depth_matched": depth_matched, "note": note}
+    if near_chance is not None:
+        data["near_chance"] = near_chance
     if task is not None:
         first = task.items[0]
         data.update(question=first.question, answer=first.answer, items=len(task))
@@ -193,8 +197,71 @@ def handle(args: argparse.Namespace, registry: Registry, output: Output) -> int:
         headers += ["answer", "accuracy", "agreement"] if task is not None else [f"first {_NEW_TOKENS} generated tokens"]
         output.print(output.table(headers, [_cells(c, task is not None) for c in contenders],
                                   right={2, 3, 4, 5, 6, 8, 9}))
+        line = "" if near_chance is None else _near_chance_line(near_chance, args.keep_ratio)
+        if line:
+            output.print(line)
         output.print(f"\n{note}")
     return 1 if any(c.error for c in contenders) else 0
+
+
+#: A row is "near chance" when its accuracy is within this of the questions' prior.
+_NEAR_CHANCE = 0.10
+#: Items the near-chance explanation looks at (one prefill each per such method).
+_EXPLAIN_ITEMS = 16
+
+
+def _near_chance(model: Any, processor: Any, task: Any, contenders: list[_Contender], registry: Registry
+                 ) -> dict[str, Any]:
+    """Why a row lands near chance: the questions' prior (the mean of one over each item's number of
+    choices) and, for every method within :data:`_NEAR_CHANCE` of it, the share of the visual tokens
+    the answers depend on (each item's ``target_tokens``) that survived every stage of the method,
+    over the first :data:`_EXPLAIN_ITEMS` items that have such tokens."""
+    import torch
+
+    from ..runtime import apply
+
+    prior = sum(1 / len(item.choices) for item in task.items) / len(task)
+    explained: dict[str, Any] = {}
+    items = [item for item in task.items if item.meta.get("target_tokens")][:_EXPLAIN_ITEMS]
+    for c in contenders[1:]:
+        if c.method is None or c.error is not None or c.accuracy is None or c.accuracy > prior + _NEAR_CHANCE:
+            continue
+        kept = wanted = 0
+        for item in items:
+            inputs = prompt_inputs(processor, item.open_images(), item.question)
+            with torch.no_grad(), apply(model, c.method, registry=registry) as run:
+                model(**inputs)
+            survivors = set(run.report.kept_indices[0])
+            target = set(item.meta["target_tokens"])
+            kept += len(survivors & target)
+            wanted += len(target)
+        explained[c.name] = {"accuracy": c.accuracy, "answer_tokens_kept": kept / wanted if wanted else None,
+                             "items": len(items)}
+    return {"prior": prior, "threshold": _NEAR_CHANCE, "methods": explained}
+
+
+def _near_chance_line(near: dict[str, Any], keep_ratio: float) -> str:
+    """One line under the table: which rows are near chance, the share of the answers' tokens each
+    kept, and what that says (fewer than a uniform choice keeps: the selection misses what the
+    questions ask about; more: the tokens are there, the loss is in how the model uses them).
+    Empty when no near-chance row could be explained."""
+    rows = {name: row["answer_tokens_kept"] for name, row in near["methods"].items()
+            if row["answer_tokens_kept"] is not None}
+    if not rows:
+        return ""
+    missed = [name for name, share in rows.items() if share < keep_ratio]
+    kept = [name for name in rows if name not in missed]
+    reasons = []
+    if missed:
+        reasons.append(f"{' and '.join(missed)} {'misses' if len(missed) == 1 else 'miss'} what the questions ask about")
+    if kept:
+        reasons.append(f"{' and '.join(kept)} {'keeps' if len(kept) == 1 else 'keep'} them, so the loss is in how the "
+                       "model uses what is left")
+    items = next(iter(near["methods"].values()))["items"]
+    shares = ", ".join(f"{name} kept {100 * share:.0f}%" for name, share in rows.items())
+    return (f"Near chance ({100 * near['prior']:.0f}%, one over each question's number of choices): of the visual "
+            f"tokens the answers depend on, {shares} (a uniform choice keeps about {100 * keep_ratio:.0f}%; first "
+            f"{items} items): {'; '.join(reasons)}.")
 
 
 def _measure_accuracy(model: Any, processor: Any, task: Any, contenders: list[_Contender], registry: Registry,
