@@ -3,9 +3,10 @@
 Several methods' layer options default to an absolute decoder layer chosen for LLaVA-1.5-7B, whose
 language model has :data:`REFERENCE_DEPTH` = 32 layers: FastV prunes from layer K = 2, DART gates
 at layer 2. Layer 2 of 32 is 1/16 of the depth. The synthetic proxy (:func:`tokred.eval.proxy.load_proxy`)
-is much shallower (16 decoder layers; 4 in its first version): on 16 layers, layer 2 sits at 1/8
-of the depth, twice as deep relative to the model, and a method would be measured after the model has done twice
-the share of its work on the full sequence, not at its published setting.
+is much shallower (4 decoder layers shipped; 16 in the version in progress, issue #26): on 16 layers,
+layer 2 sits at 1/8 of the depth, twice as deep relative to the model, and a method would be measured
+after the model has done twice the share of its work on the full sequence, not at its published
+setting.
 
 :func:`reference_depth_options` therefore turns every such default into the depth fraction it
 stands for on LLaVA-1.5, ``"K/32"``, which :func:`tokred.schedule.resolve_layer` resolves per model
